@@ -1,0 +1,186 @@
+"""Checkpoints without pickle: JSON for structure, safetensors for tensors.
+
+A run directory holds the model for ``load`` (``config.json`` + ``model.safetensors``) and, for
+resume, ``state/train_state.safetensors``: the model, optimizer and RNG tensors in one file, with
+the counters and optimizer settings as JSON in its metadata. One file means one atomic rename, so
+a resume can never pair weights of one epoch with an optimizer of another.
+
+Every file is written to a temporary name in the same folder and renamed into place, so a crash
+leaves either the old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as st_save
+
+from vaelab import models
+from vaelab.config import ConfigError, from_dict, to_dict
+from vaelab.models.base import GenerativeModel
+
+FORMAT = "vaelab-model/1"
+STATE_FILE = Path("state") / "train_state.safetensors"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+class CheckpointError(RuntimeError):
+    """A run directory or checkpoint file that cannot be read (message names the file)."""
+
+
+def atomic_write(path: str | Path, data: bytes | str) -> None:
+    """Write ``data`` to ``path`` via a temporary file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    raw = data.encode() if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; a run is as readable as any file
+        with os.fdopen(fd, "wb") as f:
+            f.write(raw)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _read_json(path: Path) -> Any:
+    if not path.is_file():
+        raise CheckpointError(f"'{path}' not found: is '{path.parent}' a vaelab run directory?")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"'{path}': not valid JSON ({err})") from None
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    if not path.is_file():
+        raise CheckpointError(f"'{path}' not found")
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"'{path}': not a readable safetensors file ({err})") from None
+    return tensors, metadata
+
+
+def _state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+
+
+def save_model(run_dir: str | Path, model: GenerativeModel, meta: dict[str, Any]) -> None:
+    """Write ``config.json`` and ``model.safetensors`` so that ``load(run_dir)`` rebuilds it."""
+    run_dir = Path(run_dir)
+    info = {"format": FORMAT, "model": to_dict(model.cfg), "shape": list(model.shape), **meta}
+    atomic_write(run_dir / "config.json", json.dumps(info, indent=2) + "\n")
+    metadata = {"format": FORMAT, **{k: json.dumps(v) for k, v in meta.items()}}
+    atomic_write(run_dir / "model.safetensors", st_save(_state_dict(model), metadata))
+
+
+def load(run_dir: str | Path, device: str | torch.device = "cpu") -> GenerativeModel:
+    """The trained model of a run, in eval mode, ready to ``encode``, ``decode``, ``sample``.
+
+    Reads only JSON and safetensors: loading an untrusted run cannot execute code.
+    """
+    run_dir = Path(run_dir)
+    info = _read_json(run_dir / "config.json")
+    if not isinstance(info, dict) or info.get("format") != FORMAT:
+        raise CheckpointError(f"'{run_dir / 'config.json'}': expected format '{FORMAT}'")
+    try:
+        model_cfg = from_dict({"model": info["model"]}).model
+        shape = tuple(int(s) for s in info["shape"])
+    except (ConfigError, KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"'{run_dir / 'config.json'}': {err}") from None
+    model = models.build(model_cfg, shape)  # type: ignore[arg-type]
+    tensors, _ = _read_safetensors(run_dir / "model.safetensors")
+    _load_into(model, tensors, run_dir / "model.safetensors")
+    return model.to(device).eval()
+
+
+def _load_into(module: torch.nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    expected = set(module.state_dict())
+    if set(tensors) != expected:
+        missing = sorted(expected - set(tensors))[:3]
+        extra = sorted(set(tensors) - expected)[:3]
+        raise CheckpointError(
+            f"'{path}': tensors do not match the model (missing {missing}, unexpected {extra})"
+        )
+    try:
+        module.load_state_dict(tensors)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[-1].strip()
+        raise CheckpointError(f"'{path}': {first}") from None
+
+
+# -- training state, for resume ------------------------------------------------------------
+
+
+def save_train_state(
+    run_dir: str | Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    counters: dict[str, Any],
+) -> None:
+    """Model, optimizer, RNG and counters in one safetensors file, written atomically."""
+    tensors = {f"model.{k}": v for k, v in _state_dict(model).items()}
+    opt = optimizer.state_dict()
+    opt_scalars: dict[str, dict[str, Any]] = {}
+    for idx, entry in opt["state"].items():
+        for name, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim.{idx}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                opt_scalars.setdefault(str(idx), {})[name] = value
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    meta = {
+        "format": FORMAT,
+        "counters": json.dumps(counters),
+        "param_groups": json.dumps(opt["param_groups"]),
+        "optim_scalars": json.dumps(opt_scalars),
+    }
+    atomic_write(Path(run_dir) / STATE_FILE, st_save(tensors, meta))
+
+
+def load_train_state(
+    run_dir: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> dict[str, Any]:
+    """Restore what ``save_train_state`` wrote (RNG included); return the counters."""
+    path = Path(run_dir) / STATE_FILE
+    tensors, meta = _read_safetensors(path)
+    try:
+        counters = json.loads(meta["counters"])
+        param_groups = json.loads(meta["param_groups"])
+        opt_scalars = json.loads(meta["optim_scalars"])
+    except (KeyError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"'{path}': metadata is incomplete ({err})") from None
+    _load_into(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, path)
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = value
+    for idx, entry in opt_scalars.items():
+        state.setdefault(int(idx), {}).update(entry)
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": param_groups})
+    except (ValueError, KeyError) as err:
+        raise CheckpointError(f"'{path}': optimizer state does not match ({err})") from None
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda_keys = sorted((k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k[9:]))
+    cuda_states = [tensors[k] for k in cuda_keys]
+    if cuda_states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])
+    return counters

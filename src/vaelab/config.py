@@ -1,0 +1,243 @@
+"""Configuration: one frozen dataclass per room, composed into a RunConfig.
+
+A config comes from defaults, then a YAML file, then dotted ``key=value`` overrides
+(``model.beta=4 train.epochs=3``). Every key and every value is checked against the dataclass
+fields, so a typo is a one-line error naming the key, never a silently ignored setting.
+
+Model variants add their own fields by subclassing ``ModelConfig`` and registering the subclass
+under the model's name (see ``vaelab.models``); ``model.name`` picks which class the ``model``
+section is checked against.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key or value that is not what vaelab expects (message names the key)."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = "mnist5k"  # a registered data source (see vaelab.data)
+    root: str = ""  # folder for sources that read local files; unused by mnist5k
+    val_fraction: float = 0.1  # share of each class held out for validation
+    seed: int = 0  # seeds the train/val split, independent of the training seed
+
+    def __post_init__(self) -> None:
+        require(0.0 < self.val_fraction < 1.0, "data.val_fraction", "a number in (0, 1)")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Fields every model has. Variants subclass this to add their own."""
+
+    name: str = "vae"
+    net: str = "conv"  # conv | mlp
+    widths: tuple[int, ...] = (32, 64)  # conv: channels per stride-2 stage; mlp: hidden sizes
+    latent_dim: int = 16
+    likelihood: str = "gaussian"  # gaussian (fixed variance) | bernoulli
+    # Decoder variance for the Gaussian likelihood. 1/2 makes -log p(x|z) the plain sum of
+    # squared errors plus a constant, as in the derivation (DESIGN.md, "The science").
+    sigma2: float = 0.5
+    mc_samples: int = 1  # m: samples of z per image in the objective
+
+    def __post_init__(self) -> None:
+        require(self.net in ("conv", "mlp"), "model.net", "one of 'conv', 'mlp'")
+        require(
+            self.likelihood in ("gaussian", "bernoulli"),
+            "model.likelihood",
+            "one of 'gaussian', 'bernoulli'",
+        )
+        require(
+            len(self.widths) >= 1 and all(w >= 1 for w in self.widths),
+            "model.widths",
+            "a non-empty list of positive integers",
+        )
+        require(self.latent_dim >= 1, "model.latent_dim", "an integer >= 1")
+        require(self.sigma2 > 0, "model.sigma2", "a number > 0")
+        require(self.mc_samples >= 1, "model.mc_samples", "an integer >= 1")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    seed: int = 0  # seeds initialisation, shuffling and the model's noise
+    device: str = "cpu"  # cpu | cuda | auto
+    threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+    progress: bool = True  # a tqdm bar per epoch
+
+    def __post_init__(self) -> None:
+        require(self.epochs >= 1, "train.epochs", "an integer >= 1")
+        require(self.batch_size >= 1, "train.batch_size", "an integer >= 1")
+        require(self.lr > 0, "train.lr", "a number > 0")
+        require(self.device in ("cpu", "cuda", "auto"), "train.device", "cpu, cuda or auto")
+        require(self.threads >= 0, "train.threads", "an integer >= 0")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+
+# Filled by vaelab.models as each variant registers itself: model name -> its config class.
+MODEL_CONFIGS: dict[str, type[ModelConfig]] = {}
+
+_SECTIONS: dict[str, type] = {"data": DataConfig, "train": TrainConfig}
+
+
+def require(ok: bool, key: str, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}': expected {expected}")
+
+
+def to_dict(obj: Any) -> Any:
+    """A plain dict/list form of a config (tuples become lists), for YAML and JSON."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, tuple | list):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is tuple:
+        return f"a list of {typing.get_args(tp)[0].__name__}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against the annotated type ``tp``; return it in that type."""
+    bad = ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
+    if typing.get_origin(tp) is tuple:
+        (item,) = typing.get_args(tp)[:1]
+        if isinstance(value, str):  # "32,64" is accepted for a list of ints on the command line
+            value = [v for v in value.split(",") if v.strip()]
+        if not isinstance(value, list | tuple):
+            raise bad
+        return tuple(_coerce(key, v, item) for v in value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, str):
+            try:
+                value = int(value)
+            except ValueError:
+                raise bad from None
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad
+    if tp is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise bad from None
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)
+        raise bad
+    raise ConfigError(f"config key '{key}': unsupported field type {tp}")
+
+
+def _build_section(section: str, cls: type, values: dict[str, Any]) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            raise ConfigError(
+                f"unknown config key '{section}.{key}' (known: {', '.join(names)})"
+            )
+        kwargs[key] = _coerce(f"{section}.{key}", value, hints[key])
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    section, _, key = dotted.partition(".")
+    if not key or "." in key:
+        raise ConfigError(f"config override '{dotted}': expected section.key, e.g. model.beta=4")
+    if section not in ("data", "model", "train"):
+        raise ConfigError(
+            f"unknown config section '{section}' in '{dotted}' (known: data, model, train)"
+        )
+    tree.setdefault(section, {})[key] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``'model.beta=4'`` -> ``('model.beta', 4)``; the value is read as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"config override '{text}': expected key=value, e.g. train.epochs=3")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def from_dict(tree: dict[str, Any]) -> RunConfig:
+    """Build and check a RunConfig from a nested dict (as read from YAML)."""
+    if not isinstance(tree, dict):
+        raise ConfigError("config: expected a mapping with sections data, model, train")
+    for section, values in tree.items():
+        if section not in ("data", "model", "train"):
+            raise ConfigError(f"unknown config section '{section}' (known: data, model, train)")
+        if not isinstance(values, dict):
+            raise ConfigError(f"config section '{section}': expected a mapping of key: value")
+    sections: dict[str, Any] = {}
+    for name, cls in _SECTIONS.items():
+        sections[name] = _build_section(name, cls, tree.get(name, {}))
+    model_values = dict(tree.get("model", {}))
+    model_name = _coerce("model.name", model_values.get("name", ModelConfig.name), str)
+    if model_name not in MODEL_CONFIGS:
+        known = ", ".join(sorted(MODEL_CONFIGS)) or "none registered (import vaelab)"
+        raise ConfigError(f"config key 'model.name': unknown model '{model_name}' (known: {known})")
+    model_values["name"] = model_name
+    sections["model"] = _build_section("model", MODEL_CONFIGS[model_name], model_values)
+    return RunConfig(**sections)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Defaults, then the YAML file at ``path`` (if any), then ``key=value`` overrides."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' not found")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file '{path}': not valid YAML ({err})") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file '{path}': expected a mapping of sections")
+        tree = {k: dict(v) if isinstance(v, dict) else v for k, v in (loaded or {}).items()}
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    return from_dict(tree)
+
+
+def dump_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,86 @@
+"""Loss terms as pure functions: every function returns one value per image, shape (B,).
+
+Sums run over pixels and latent dimensions; averaging over the batch is the caller's job. Mixing
+a mean over pixels with a sum over latent dimensions is the most common bug in public VAE code
+(it silently rescales beta by the number of pixels), so nothing here averages.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+LOG_2PI = math.log(2.0 * math.pi)
+
+
+def _per_image(t: Tensor) -> Tensor:
+    """Sum everything but the leading (batch) dimension."""
+    return t.flatten(1).sum(1)
+
+
+def squared_error(x: Tensor, mean: Tensor) -> Tensor:
+    """||x - mean||^2 summed over pixels: (B, ...) -> (B,)."""
+    return _per_image((x - mean).square())
+
+
+def gaussian_nll(x: Tensor, mean: Tensor, sigma2: float = 0.5) -> Tensor:
+    """-log N(x; mean, sigma2 * I) in nats, constants included: (B, ...) -> (B,).
+
+    With sigma2 = 1/2 this is ||x - mean||^2 + K/2 * log(pi): the derivation's squared error plus
+    a constant that matters for likelihoods but not for gradients.
+    """
+    k = x[0].numel()
+    return squared_error(x, mean) / (2.0 * sigma2) + 0.5 * k * (LOG_2PI + math.log(sigma2))
+
+
+def bernoulli_nll(x: Tensor, logits: Tensor) -> Tensor:
+    """-log Bernoulli(x; sigmoid(logits)) in nats summed over pixels: (B, ...) -> (B,).
+
+    Exact for binary x; for x in (0, 1) it is the cross-entropy, not a normalised density.
+    """
+    return _per_image(F.binary_cross_entropy_with_logits(logits, x, reduction="none"))
+
+
+def gaussian_kl(mu: Tensor, logvar: Tensor) -> Tensor:
+    """KL(N(mu, diag exp(logvar)) || N(0, I)) in nats: (B, d) -> (B,).
+
+    Closed form (Kingma & Welling 2014, appendix B):
+    1/2 * sum_j (mu_j^2 + sigma_j^2 - log sigma_j^2 - 1).
+    """
+    return 0.5 * (mu.square() + logvar.exp() - logvar - 1.0).sum(-1)
+
+
+def gaussian_log_prob(z: Tensor, mu: Tensor, logvar: Tensor) -> Tensor:
+    """log N(z; mu, diag exp(logvar)) summed over the last dimension: (..., d) -> (...)."""
+    return -0.5 * (LOG_2PI + logvar + (z - mu).square() * torch.exp(-logvar)).sum(-1)
+
+
+def standard_normal_log_prob(z: Tensor) -> Tensor:
+    """log N(z; 0, I) summed over the last dimension: (..., d) -> (...)."""
+    return -0.5 * (LOG_2PI + z.square()).sum(-1)
+
+
+def log_mean_exp(t: Tensor, dim: int = 0) -> Tensor:
+    """log(1/m * sum_i exp(t_i)) along ``dim``, computed stably with logsumexp."""
+    return torch.logsumexp(t, dim=dim) - math.log(t.shape[dim])
+
+
+def iw_bound(log_w: Tensor) -> Tensor:
+    """Importance-weighted bound (Burda et al. 2016): log 1/K sum_k w_k from (K, B) -> (B,).
+
+    ``log_w`` = log p(x|z_k) + log p(z_k) - log q(z_k|x) with z_k ~ q(z|x). With K = 1 its
+    expectation is the ELBO; it rises towards log p(x) as K grows.
+    """
+    return log_mean_exp(log_w, dim=0)
+
+
+def bits_per_dim(elbo_nats: Tensor | float, num_dims: int) -> Tensor | float:
+    """Bits per dimension of 8-bit data from a log-likelihood (bound) of x scaled to [0, 1].
+
+    A density on [0, 1]^K becomes one on [0, 256]^K by dividing by 256^K, so
+    bpd = (-log p(x) / K + ln 256) / ln 2 (uniform dequantisation, as in DESIGN.md).
+    """
+    return (-elbo_nats / num_dims + math.log(256.0)) / math.log(2.0)

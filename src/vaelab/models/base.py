@@ -1,0 +1,130 @@
+"""What every model shares: the posterior object, the output record, the decoder likelihood.
+
+A model's ``forward(x)`` returns a ``ModelOutput`` of per-image (B,) terms. The trainer only
+reads those terms, so a new variant never touches the training loop.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from vaelab import losses
+from vaelab.config import ModelConfig
+from vaelab.nets import build_decoder
+
+
+@dataclass(frozen=True)
+class ModelOutput:
+    """Per-image terms, each of shape (B,). Averaging over the batch is the trainer's job.
+
+    loss:  the objective that training minimises (may weight terms, e.g. beta * kl).
+    recon: -log p(x|z) without its constant (the sum of squared errors for sigma2 = 1/2),
+           averaged over the m samples of z.
+    kl:    KL(q(z|x) || p(z)) in nats, or None for a model without an encoder.
+    elbo:  a lower bound on log p(x) in nats with every constant included (for decoder_only,
+           the Monte-Carlo estimate log 1/m sum_i p(x|z_i), a bound in expectation).
+    x_mean: the decoder's mean for the first sample of z, (B, C, H, W), in [0, 1].
+    """
+
+    loss: Tensor
+    recon: Tensor
+    kl: Tensor | None
+    elbo: Tensor
+    x_mean: Tensor
+
+
+class DiagonalGaussian:
+    """q(z|x) = N(mu, diag exp(logvar)), each (B, d)."""
+
+    def __init__(self, mu: Tensor, logvar: Tensor) -> None:
+        self.mu = mu
+        self.logvar = logvar
+
+    @property
+    def std(self) -> Tensor:
+        return torch.exp(0.5 * self.logvar)
+
+    def rsample(self, m: int = 1) -> Tensor:
+        """Reparameterised samples z = mu + sigma * eps, (m, B, d)."""
+        eps = torch.randn((m, *self.mu.shape), dtype=self.mu.dtype, device=self.mu.device)
+        return self.mu + self.std * eps
+
+    def mode(self) -> Tensor:
+        return self.mu
+
+    def kl(self) -> Tensor:
+        """KL(q || N(0, I)) per image, (B,)."""
+        return losses.gaussian_kl(self.mu, self.logvar)
+
+    def log_prob(self, z: Tensor) -> Tensor:
+        """log q(z|x) for z of shape (..., B, d) -> (..., B)."""
+        return losses.gaussian_log_prob(z, self.mu, self.logvar)
+
+
+class GenerativeModel(nn.Module):
+    """A decoder p(x|z) under the prior p(z) = N(0, I). Subclasses add the objective."""
+
+    config_class: type[ModelConfig] = ModelConfig
+
+    def __init__(self, cfg: ModelConfig, shape: tuple[int, int, int]) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.shape = tuple(shape)
+        self.decoder = build_decoder(cfg, self.shape)
+
+    @property
+    def num_dims(self) -> int:
+        return math.prod(self.shape)
+
+    # -- decoder likelihood -------------------------------------------------------------
+    def mean(self, logits: Tensor) -> Tensor:
+        """The decoder's mean in [0, 1] from its logits."""
+        return torch.sigmoid(logits)
+
+    def recon_terms(self, x: Tensor, logits: Tensor) -> tuple[Tensor, Tensor]:
+        """(recon, nll) per image for x (B, C, H, W) and logits (m, B, C, H, W) -> (m, B) each.
+
+        recon is -log p(x|z) without its constant, nll with it (nats).
+        """
+        m = logits.shape[0]
+        flat_logits = logits.flatten(0, 1)
+        flat_x = x.unsqueeze(0).expand_as(logits).flatten(0, 1)
+        if self.cfg.likelihood == "bernoulli":
+            nll = losses.bernoulli_nll(flat_x, flat_logits)
+            return nll.view(m, -1), nll.view(m, -1)
+        sigma2 = self.cfg.sigma2
+        recon = losses.squared_error(flat_x, self.mean(flat_logits)) / (2.0 * sigma2)
+        nll = losses.gaussian_nll(flat_x, self.mean(flat_logits), sigma2)
+        return recon.view(m, -1), nll.view(m, -1)
+
+    # -- generation ---------------------------------------------------------------------
+    def decode_logits(self, z: Tensor) -> Tensor:
+        """z (..., d) -> logits (..., C, H, W)."""
+        lead = z.shape[:-1]
+        return self.decoder(z.reshape(-1, z.shape[-1])).view(*lead, *self.shape)
+
+    def decode(self, z: Tensor) -> Tensor:
+        """The decoder's mean image in [0, 1] for latents z (B, d) -> (B, C, H, W)."""
+        return self.mean(self.decode_logits(z))
+
+    @torch.no_grad()
+    def sample(self, n: int, temperature: float = 1.0) -> Tensor:
+        """n images (decoder means) for z ~ N(0, temperature^2 I), (n, C, H, W)."""
+        device = next(self.parameters()).device
+        z = temperature * torch.randn(n, self.cfg.latent_dim, device=device)
+        return self.decode(z)
+
+    def encode(self, x: Tensor) -> DiagonalGaussian:
+        raise NotImplementedError(f"model '{self.cfg.name}' has no encoder")
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """Decoder mean at the posterior mean: x (B, C, H, W) -> (B, C, H, W)."""
+        return self.decode(self.encode(x).mode())
+
+    def forward(self, x: Tensor) -> ModelOutput:
+        raise NotImplementedError

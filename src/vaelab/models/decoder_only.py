@@ -1,0 +1,49 @@
+"""The decoder-only baseline: the motivating failure of the derivation.
+
+No encoder: for each image draw z_1..z_m ~ p(z) and decode. With the squared-error objective
+1/m * sum_i ||x - f(z_i)||^2 the best decoder ignores z and outputs the dataset's average image,
+because z carries no information about which x it is paired with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from vaelab import losses
+from vaelab.config import ModelConfig, require
+from vaelab.models import register
+from vaelab.models.base import GenerativeModel, ModelOutput
+
+
+@dataclass(frozen=True)
+class DecoderOnlyConfig(ModelConfig):
+    name: str = "decoder_only"
+    # mse: 1/m * sum_i ||x - f(z_i)||^2 (the derivation's objective);
+    # marginal: -log 1/m sum_i p(x|z_i), the Monte-Carlo marginal likelihood, via logsumexp.
+    objective: str = "mse"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.objective in ("mse", "marginal"), "model.objective", "one of 'mse', 'marginal'")
+
+
+@register("decoder_only", DecoderOnlyConfig)
+class DecoderOnly(GenerativeModel):
+    def forward(self, x: Tensor) -> ModelOutput:
+        m, b = self.cfg.mc_samples, x.shape[0]
+        z = torch.randn(m, b, self.cfg.latent_dim, device=x.device, dtype=x.dtype)  # (m, B, d)
+        logits = self.decode_logits(z)  # (m, B, C, H, W)
+        recon, nll = self.recon_terms(x, logits)  # (m, B) each
+        log_px = losses.log_mean_exp(-nll, dim=0)  # (B,)
+        if self.cfg.objective == "marginal":
+            loss = -log_px
+        else:
+            mean = self.mean(logits).flatten(0, 1)
+            sse = losses.squared_error(x.unsqueeze(0).expand_as(logits).flatten(0, 1), mean)
+            loss = sse.view(m, b).mean(0)
+        return ModelOutput(
+            loss=loss, recon=recon.mean(0), kl=None, elbo=log_px, x_mean=self.mean(logits[0])
+        )

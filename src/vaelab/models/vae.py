@@ -1,0 +1,47 @@
+"""The VAE (Kingma & Welling 2014): Gaussian encoder, reparameterised z, closed-form KL."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from vaelab.config import ModelConfig
+from vaelab.models import register
+from vaelab.models.base import DiagonalGaussian, GenerativeModel, ModelOutput
+from vaelab.nets import build_encoder
+
+
+@dataclass(frozen=True)
+class VAEConfig(ModelConfig):
+    name: str = "vae"
+
+
+@register("vae", VAEConfig)
+class VAE(GenerativeModel):
+    def __init__(self, cfg: ModelConfig, shape: tuple[int, int, int]) -> None:
+        super().__init__(cfg, shape)
+        self.encoder = build_encoder(cfg, self.shape, 2 * cfg.latent_dim)
+
+    def encode(self, x: Tensor) -> DiagonalGaussian:
+        mu, logvar = self.encoder(x).chunk(2, dim=-1)  # (B, d) each
+        return DiagonalGaussian(mu, logvar)
+
+    def kl_weight(self) -> float:
+        """The weight on KL in the training loss; 1 gives the ELBO. Variants override this."""
+        return 1.0
+
+    def forward(self, x: Tensor) -> ModelOutput:
+        q = self.encode(x)
+        z = q.rsample(self.cfg.mc_samples)  # (m, B, d)
+        logits = self.decode_logits(z)  # (m, B, C, H, W)
+        recon, nll = self.recon_terms(x, logits)  # (m, B) each
+        recon, nll = recon.mean(0), nll.mean(0)
+        kl = q.kl()
+        return ModelOutput(
+            loss=recon + self.kl_weight() * kl,
+            recon=recon,
+            kl=kl,
+            elbo=-(nll + kl),
+            x_mean=self.mean(logits[0]),
+        )

@@ -1,0 +1,271 @@
+"""The training loop: any registered model, checkpoints every epoch, exact resume.
+
+Read top to bottom: ``train`` starts a run, ``resume`` continues one, both hand over to ``_fit``,
+which runs epochs of (shuffle, step, validate, write). The loop only reads the model's named
+per-image terms, so it never changes when a variant is added.
+
+Reproducibility: the shuffle of epoch e depends only on (train.seed, e), and the model's noise
+comes from torch's global generator, whose state is saved with every checkpoint. Validation runs
+under its own fixed seed, so it neither consumes training randomness nor wobbles between epochs.
+A resumed run therefore ends with bit-for-bit the weights of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from vaelab import data, losses, models
+from vaelab.checkpoint import (
+    STATE_FILE,
+    CheckpointError,
+    atomic_write,
+    load_train_state,
+    save_model,
+    save_train_state,
+)
+from vaelab.config import ConfigError, RunConfig, dump_yaml, load_config, to_dict
+from vaelab.data import ImageDataset, Splits
+from vaelab.models.base import GenerativeModel
+
+EpochCallback = Callable[[int, list[dict[str, Any]]], None]
+VAL_SEED = 1234  # the noise used in validation: fixed, so epochs compare like for like
+RESUMABLE_KEYS = ("train.epochs", "train.progress", "train.device", "train.threads")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the message says where."""
+
+
+def train(
+    cfg: RunConfig,
+    out: str | Path,
+    *,
+    splits: Splits | None = None,
+    on_epoch_end: EpochCallback | None = None,
+) -> Path:
+    """Train a new run into ``out`` (which must not already hold a run); return its path."""
+    run = Path(out)
+    if (run / "config.yaml").exists():
+        raise FileExistsError(f"'{run}' already holds a run: resume it with `--resume {run}`")
+    if run.exists() and not run.is_dir():
+        raise NotADirectoryError(f"'{run}' exists and is not a directory")
+    run.mkdir(parents=True, exist_ok=True)
+    atomic_write(run / "config.yaml", dump_yaml(cfg))
+    return _fit(run, cfg, splits, on_epoch_end, resume=False)
+
+
+def resume(
+    run_dir: str | Path,
+    overrides: list[str] | None = None,
+    *,
+    splits: Splits | None = None,
+    on_epoch_end: EpochCallback | None = None,
+) -> Path:
+    """Continue an interrupted run from its last checkpoint (or extend it: train.epochs=N)."""
+    run = Path(run_dir)
+    if not (run / "config.yaml").is_file():
+        raise CheckpointError(f"'{run / 'config.yaml'}' not found: is '{run}' a vaelab run?")
+    for text in overrides or []:
+        key = text.partition("=")[0].strip()
+        if key not in RESUMABLE_KEYS:
+            raise ConfigError(
+                f"config key '{key}' cannot change when resuming (allowed: "
+                f"{', '.join(RESUMABLE_KEYS)})"
+            )
+    cfg = load_config(run / "config.yaml", overrides)
+    if overrides:
+        atomic_write(run / "config.yaml", dump_yaml(cfg))
+    return _fit(run, cfg, splits, on_epoch_end, resume=True)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("config key 'train.device': cuda was asked for but none is available")
+    return torch.device(name)
+
+
+def _fit(
+    run: Path,
+    cfg: RunConfig,
+    splits: Splits | None,
+    on_epoch_end: EpochCallback | None,
+    *,
+    resume: bool,
+) -> Path:
+    tc = cfg.train
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    device = _device(tc.device)
+    splits = splits if splits is not None else data.build(cfg.data)
+
+    torch.manual_seed(tc.seed)
+    model = models.build(cfg.model, splits.train.shape).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr)
+    counters = {"epoch": 0, "step": 0, "seconds": 0.0}
+    rows: list[dict[str, Any]] = []
+    if resume and (run / STATE_FILE).is_file():
+        counters = load_train_state(run, model, optimizer)
+        # Rows logged after the checkpoint (a crash between the two writes) are dropped.
+        rows = [r for r in _read_metrics(run) if r["epoch"] <= counters["epoch"]]
+    if counters["epoch"] >= tc.epochs:
+        print(f"{run}: already trained for {counters['epoch']} of {tc.epochs} epochs")
+        return run
+
+    n_train = len(splits.train)
+    batch_size = min(tc.batch_size, n_train)
+    # Drop the last partial batch: every step sees the same batch size (batch-norm statistics
+    # from a handful of images are noise), and every image is seen within two epochs.
+    steps_per_epoch = n_train // batch_size
+    for epoch in range(counters["epoch"] + 1, tc.epochs + 1):
+        start = time.perf_counter()
+        model.train()
+        order = np.random.default_rng([tc.seed, epoch]).permutation(n_train)
+        sums, running = _Sums(), 0.0
+        bar = tqdm(
+            total=steps_per_epoch,
+            desc=f"{cfg.model.name} epoch {epoch}/{tc.epochs}",
+            disable=not tc.progress,
+            leave=False,
+            dynamic_ncols=True,
+        )
+        for i in range(steps_per_epoch):
+            x = splits.train.batch(order[i * batch_size : (i + 1) * batch_size], device)
+            out = model(x)
+            loss = out.loss.mean()
+            value = loss.item()
+            if not math.isfinite(value):
+                bar.close()
+                kept = (
+                    f"the last good checkpoint (epoch {counters['epoch']}) in '{run}' is intact"
+                    if counters["epoch"]
+                    else f"no epoch had finished, so '{run}' holds no checkpoint"
+                )
+                raise TrainingDiverged(
+                    f"loss became {value} at epoch {epoch}, step {counters['step'] + 1}; {kept}"
+                    " (try a smaller train.lr)"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            counters["step"] += 1
+            sums.add(out)
+            running += (value - running) / (i + 1)
+            bar.update(1)
+            bar.set_postfix(loss=f"{running:.2f}", refresh=False)
+        bar.close()
+        counters["seconds"] += time.perf_counter() - start
+        train_row = _row("train", epoch, counters, sums.means(), model.num_dims)
+        val_means = evaluate_split(model, splits.val, batch_size, device)
+        val_row = _row("val", epoch, counters, val_means, model.num_dims)
+        counters["epoch"] = epoch
+        rows += [train_row, val_row]
+        # Metrics first, state last: a crash in between leaves extra rows that resume drops,
+        # never a checkpoint whose metrics are missing.
+        atomic_write(run / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        meta = {"data": to_dict(cfg.data), "epoch": epoch, "step": counters["step"]}
+        save_model(run, model, meta)
+        save_train_state(run, model, optimizer, counters)
+        if tc.progress:
+            print(
+                f"{cfg.model.name} epoch {epoch}/{tc.epochs}: train loss {train_row['loss']:.2f}"
+                f" | val loss {val_row['loss']:.2f} recon {val_row['recon']:.2f}"
+                f" kl {_fmt(val_row['kl'])} elbo {val_row['elbo_nats']:.2f} nats"
+                f" ({val_row['bpd']:.3f} bpd)",
+                flush=True,
+            )
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, [train_row, val_row])
+    return run
+
+
+def _fmt(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
+TERMS = ("loss", "recon", "kl", "elbo_nats")
+
+
+class _Sums:
+    """Per-image sums of the named terms, kept on the device (no sync per step)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.totals: dict[str, torch.Tensor] = {}
+
+    def add(self, out: models.ModelOutput) -> None:
+        self.n += out.loss.shape[0]
+        terms = {"loss": out.loss, "recon": out.recon, "kl": out.kl, "elbo_nats": out.elbo}
+        for name, t in terms.items():
+            if t is not None:
+                total = t.detach().double().sum()
+                self.totals[name] = self.totals[name] + total if name in self.totals else total
+
+    def means(self) -> dict[str, float | None]:
+        """Per-image means; None for a term the model does not have (kl of decoder_only)."""
+        return {k: (self.totals[k] / self.n).item() if k in self.totals else None for k in TERMS}
+
+
+def _row(
+    split: str, epoch: int, counters: dict[str, Any], means: dict[str, Any], num_dims: int
+) -> dict[str, Any]:
+    """One metrics.jsonl row, keys in the documented order; bpd derived from elbo_nats."""
+    elbo = means["elbo_nats"]
+    return {
+        "split": split,
+        "epoch": epoch,
+        "step": counters["step"],
+        **{k: means[k] for k in TERMS},
+        "bpd": None if elbo is None else losses.bits_per_dim(elbo, num_dims),
+        "seconds": round(counters["seconds"], 3),
+    }
+
+
+@torch.no_grad()
+def evaluate_split(
+    model: GenerativeModel,
+    dataset: ImageDataset,
+    batch_size: int,
+    device: str | torch.device = "cpu",
+    seed: int = VAL_SEED,
+) -> dict[str, float | None]:
+    """Per-image means of the model's terms over a whole split, in eval mode, seeded noise."""
+    was_training = model.training
+    model.eval()
+    sums = _Sums()
+    devices = [torch.device(device).index or 0] if torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        for i in range(0, len(dataset), batch_size):
+            sums.add(model(dataset.batch(slice(i, i + batch_size), device)))
+    model.train(was_training)
+    return sums.means()
+
+
+def _read_metrics(run: Path) -> list[dict[str, Any]]:
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise CheckpointError(f"'{path}' line {n}: not valid JSON") from None
+    return rows
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The rows of a run's metrics.jsonl (empty if it has none yet)."""
+    return _read_metrics(Path(run_dir))
