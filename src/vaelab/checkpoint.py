@@ -27,8 +27,6 @@ from vaelab.models.base import GenerativeModel
 
 FORMAT = "vaelab-model/1"
 STATE_FILE = Path("state") / "train_state.safetensors"
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 
 
 class CheckpointError(RuntimeError):
@@ -42,7 +40,9 @@ def atomic_write(path: str | Path, data: bytes | str) -> None:
     raw = data.encode() if isinstance(data, str) else data
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; a run is as readable as any file
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a run is as readable as any file
         with os.fdopen(fd, "wb") as f:
             f.write(raw)
             f.flush()

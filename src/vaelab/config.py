@@ -161,14 +161,14 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     raise ConfigError(f"config key '{key}': unsupported field type {tp}")
 
 
-def _build_section(section: str, cls: type, values: dict[str, Any]) -> Any:
+def _build_section(section: str, cls: type, values: dict[str, Any], whose: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in values.items():
         if key not in names:
             raise ConfigError(
-                f"unknown config key '{section}.{key}' (known: {', '.join(names)})"
+                f"unknown config key '{section}.{key}' ({whose or section} has: {', '.join(names)})"
             )
         kwargs[key] = _coerce(f"{section}.{key}", value, hints[key])
     return cls(**kwargs)
@@ -215,7 +215,9 @@ def from_dict(tree: dict[str, Any]) -> RunConfig:
         known = ", ".join(sorted(MODEL_CONFIGS)) or "none registered (import vaelab)"
         raise ConfigError(f"config key 'model.name': unknown model '{model_name}' (known: {known})")
     model_values["name"] = model_name
-    sections["model"] = _build_section("model", MODEL_CONFIGS[model_name], model_values)
+    sections["model"] = _build_section(
+        "model", MODEL_CONFIGS[model_name], model_values, whose=f"model '{model_name}'"
+    )
     return RunConfig(**sections)
 
 

@@ -69,6 +69,7 @@ class GenerativeModel(nn.Module):
     """A decoder p(x|z) under the prior p(z) = N(0, I). Subclasses add the objective."""
 
     config_class: type[ModelConfig] = ModelConfig
+    has_encoder: bool = False
 
     def __init__(self, cfg: ModelConfig, shape: tuple[int, int, int]) -> None:
         super().__init__()

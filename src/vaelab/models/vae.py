@@ -19,6 +19,8 @@ class VAEConfig(ModelConfig):
 
 @register("vae", VAEConfig)
 class VAE(GenerativeModel):
+    has_encoder = True
+
     def __init__(self, cfg: ModelConfig, shape: tuple[int, int, int]) -> None:
         super().__init__(cfg, shape)
         self.encoder = build_encoder(cfg, self.shape, 2 * cfg.latent_dim)

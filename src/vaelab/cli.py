@@ -1,0 +1,102 @@
+"""The command line: parse, build a config, call one library function."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from vaelab.checkpoint import CheckpointError
+from vaelab.config import ConfigError, load_config
+from vaelab.data import DataError
+
+USAGE_ERRORS = (ConfigError, DataError, CheckpointError, FileExistsError, NotADirectoryError)
+
+
+def _split_args(items: list[str]) -> tuple[str | None, list[str]]:
+    """[CONFIG] [key=value ...] -> (config path or None, overrides)."""
+    overrides = [a for a in items if "=" in a]
+    paths = [a for a in items if "=" not in a]
+    if len(paths) > 1:
+        raise ConfigError(f"expected at most one config file, got {paths}; overrides look like key=value")
+    return (paths[0] if paths else None), overrides
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from vaelab.train import resume, train
+
+    path, overrides = _split_args(args.items)
+    if args.resume:
+        if path is not None:
+            raise ConfigError("--resume reads the run's own config.yaml: give no config file")
+        run = resume(args.resume, overrides)
+    else:
+        if args.out is None:
+            raise ConfigError("vaelab train needs --out RUN (or --resume RUN)")
+        run = train(load_config(path, overrides), args.out)
+    print(f"run: {run}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from vaelab.demo import DEMO_EPOCHS, format_summary, run_demo
+
+    summary = run_demo(args.out, epochs=args.epochs or DEMO_EPOCHS, progress=not args.quiet)
+    print(format_summary(summary))
+    print(f"figures in {args.out}/<model>/figures/, numbers in {Path(args.out) / 'summary.json'}")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from vaelab.config import dump_yaml
+
+    path, overrides = _split_args(args.items)
+    cfg = load_config(path, overrides)
+    print(json.dumps(cfg.to_dict(), indent=2) if args.json else dump_yaml(cfg), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vaelab", description="Train, evaluate and compare variational autoencoders."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model into a run directory")
+    p.add_argument("items", nargs="*", metavar="[CONFIG] [key=value]",
+                   help="a YAML config file and/or overrides such as model.beta=4 train.epochs=3")
+    p.add_argument("--out", help="the run directory to create")
+    p.add_argument("--resume", metavar="RUN", help="continue an interrupted run")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("demo", help="decoder-only, VAE and beta-VAE on the embedded MNIST digits")
+    p.add_argument("--out", default="runs/demo", help="where the runs go (default: runs/demo)")
+    p.add_argument("--epochs", type=int, default=0, help="epochs per model (default: the demo's)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("config", help="print the resolved config (defaults, file, overrides)")
+    p.add_argument("items", nargs="*", metavar="[CONFIG] [key=value]")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    import vaelab  # noqa: F401  (registers the models before any config is read)
+
+    try:
+        return args.func(args)
+    except USAGE_ERRORS as err:
+        print(f"vaelab: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vaelab: interrupted; the last finished epoch is saved (resume with --resume RUN)",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

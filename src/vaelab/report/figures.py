@@ -1,0 +1,100 @@
+"""Figures written as PNG with matplotlib's object API (no pyplot state, no display needed)."""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+from torch import Tensor
+
+from vaelab.checkpoint import atomic_write
+
+PANELS = (
+    ("recon", "reconstruction: -log p(x|z) + const"),
+    ("kl", "KL(q(z|x) || p(z))"),
+    ("loss", "training loss"),
+)
+
+
+def _save(fig: Figure, path: str | Path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    atomic_write(path, buf.getvalue())
+
+
+def plot_curves(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> None:
+    """Train and val curves per epoch; reconstruction, KL and loss in separate panels.
+
+    All values are per-image sums (nats), as logged in metrics.jsonl.
+    """
+    fig = Figure(figsize=(13, 3.6))
+    axes = fig.subplots(1, len(PANELS))
+    for ax, (key, label) in zip(axes, PANELS, strict=True):
+        shown = False
+        for split, style in (("train", "o-"), ("val", "s--")):
+            pts = [(r["epoch"], r[key]) for r in rows if r["split"] == split and r[key] is not None]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), style, label=split, markersize=3)
+                shown = True
+        if shown:
+            ax.legend()
+        else:
+            ax.text(0.5, 0.5, "no such term\n(no encoder)", ha="center", va="center",
+                    transform=ax.transAxes, color="gray")
+        ax.set_title(label, fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("nats per image")
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def image_grid(images: Tensor, nrow: int, pad: int = 2) -> np.ndarray:
+    """(N, C, H, W) floats in [0, 1] -> one (H', W', C) uint8 array, ``nrow`` images per row."""
+    imgs = (images.detach().cpu().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
+    n, h, w, c = imgs.shape
+    rows = math.ceil(n / nrow)
+    grid = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), 255, np.uint8)
+    for i, img in enumerate(imgs):
+        r, col = divmod(i, nrow)
+        y, x = pad + r * (h + pad), pad + col * (w + pad)
+        grid[y : y + h, x : x + w] = img
+    return grid
+
+
+def _show(grid: np.ndarray, path: str | Path, title: str) -> None:
+    h, w, c = grid.shape
+    fig = Figure(figsize=(w / 40 + 0.4, h / 40 + 0.6))
+    ax = fig.add_subplot()
+    ax.imshow(grid[..., 0] if c == 1 else grid, cmap="gray" if c == 1 else None,
+              vmin=0, vmax=255, interpolation="nearest")
+    ax.set_axis_off()
+    ax.set_title(title, fontsize=9)
+    _save(fig, path)
+
+
+def save_grid(images: Tensor, path: str | Path, nrow: int = 8, title: str = "") -> None:
+    """An image grid as PNG, with a title."""
+    _show(image_grid(images, nrow), path, title)
+
+
+def save_reconstructions(
+    originals: Tensor, recons: Tensor, path: str | Path, nrow: int = 8, title: str = ""
+) -> None:
+    """Rows of real images, each directly above the row of their reconstructions."""
+    pairs = []
+    for start in range(0, len(originals), nrow):
+        pairs += [originals[start : start + nrow], recons[start : start + nrow]]
+    rows = [image_grid(p, nrow) for p in pairs]
+    gap = np.full((6, rows[0].shape[1], rows[0].shape[2]), 255, np.uint8)
+    stacked = []
+    for i in range(0, len(rows), 2):
+        stacked += [rows[i][:-2], rows[i + 1], gap]
+    _show(np.concatenate(stacked[:-1]), path, title)
