@@ -19,7 +19,9 @@ def _split_args(items: list[str]) -> tuple[str | None, list[str]]:
     overrides = [a for a in items if "=" in a]
     paths = [a for a in items if "=" not in a]
     if len(paths) > 1:
-        raise ConfigError(f"expected at most one config file, got {paths}; overrides look like key=value")
+        raise ConfigError(
+            f"expected at most one config file, got {paths}; overrides look like key=value"
+        )
     return (paths[0] if paths else None), overrides
 
 
@@ -64,8 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a model into a run directory")
-    p.add_argument("items", nargs="*", metavar="[CONFIG] [key=value]",
-                   help="a YAML config file and/or overrides such as model.beta=4 train.epochs=3")
+    p.add_argument(
+        "items",
+        nargs="*",
+        metavar="[CONFIG] [key=value]",
+        help="a YAML config file and/or overrides such as model.beta=4 train.epochs=3",
+    )
     p.add_argument("--out", help="the run directory to create")
     p.add_argument("--resume", metavar="RUN", help="continue an interrupted run")
     p.set_defaults(func=cmd_train)
@@ -84,7 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides may come after options (`train --out RUN model.beta=4`): argparse leaves those
+    # unparsed, so they are appended to the command's items here.
+    args, extra = parser.parse_known_args(argv)
+    if extra and (not hasattr(args, "items") or any(a.startswith("-") for a in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.items = [*args.items, *extra]
     import vaelab  # noqa: F401  (registers the models before any config is read)
 
     try:
@@ -93,8 +106,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vaelab: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("vaelab: interrupted; the last finished epoch is saved (resume with --resume RUN)",
-              file=sys.stderr)
+        print(
+            "vaelab: interrupted; the last finished epoch is saved (resume with --resume RUN)",
+            file=sys.stderr,
+        )
         return 130
 
 

@@ -47,12 +47,16 @@ def write_figures(run_dir: str | Path, val: data.ImageDataset, seed: int = 0) ->
             recon, what = model.reconstruct(x), "reconstructions (posterior mean)"
         else:
             recon, what = model.sample(len(x)), "decoder outputs for z ~ p(z) (no encoder)"
-        save_reconstructions(x, recon, paths["reconstructions"], title=f"{name}: val images above {what}")
+        save_reconstructions(
+            x, recon, paths["reconstructions"], title=f"{name}: val images above {what}"
+        )
         save_grid(model.sample(64), paths["samples"], title=f"{name}: 64 samples from the prior")
     return paths
 
 
-def run_demo(out: str | Path = "runs/demo", epochs: int = DEMO_EPOCHS, progress: bool = True) -> dict[str, Any]:
+def run_demo(
+    out: str | Path = "runs/demo", epochs: int = DEMO_EPOCHS, progress: bool = True
+) -> dict[str, Any]:
     """Train the three experiments into OUT/<model>, write figures and OUT/summary.json.
 
     Re-running skips finished runs and resumes interrupted ones.
@@ -93,7 +97,9 @@ def run_demo(out: str | Path = "runs/demo", epochs: int = DEMO_EPOCHS, progress:
 
 def format_summary(summary: dict[str, Any]) -> str:
     """The summary as a small text table."""
-    head = f"{'model':<14}{'diversity':>10}{'val recon':>11}{'val KL':>9}{'val ELBO':>11}{'secs':>7}"
+    head = (
+        f"{'model':<14}{'diversity':>10}{'val recon':>11}{'val KL':>9}{'val ELBO':>11}{'secs':>7}"
+    )
     lines = [head, "-" * len(head)]
     for name, s in summary.items():
         kl = "-" if s["val_kl"] is None else f"{s['val_kl']:.2f}"

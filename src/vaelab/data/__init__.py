@@ -19,7 +19,9 @@ SOURCES: dict[str, Callable[[DataConfig], Splits]] = {
 def build(cfg: DataConfig) -> Splits:
     if cfg.name not in SOURCES:
         known = ", ".join(sorted(SOURCES))
-        raise DataError(f"config key 'data.name': unknown data source '{cfg.name}' (known: {known})")
+        raise DataError(
+            f"config key 'data.name': unknown data source '{cfg.name}' (known: {known})"
+        )
     return SOURCES[cfg.name](cfg)
 
 

@@ -23,7 +23,9 @@ class ImageDataset:
 
     def __init__(self, images: np.ndarray, labels: np.ndarray | None = None) -> None:
         if images.dtype != np.uint8 or images.ndim != 4:
-            raise DataError(f"images: expected uint8 (N, H, W, C), got {images.dtype} {images.shape}")
+            raise DataError(
+                f"images: expected uint8 (N, H, W, C), got {images.dtype} {images.shape}"
+            )
         if labels is not None and len(labels) != len(images):
             raise DataError(f"labels: expected {len(images)} entries, got {len(labels)}")
         self.images = images
@@ -38,7 +40,9 @@ class ImageDataset:
         _, h, w, c = self.images.shape
         return (c, h, w)
 
-    def batch(self, index: np.ndarray | Tensor | slice, device: str | torch.device = "cpu") -> Tensor:
+    def batch(
+        self, index: np.ndarray | Tensor | slice, device: str | torch.device = "cpu"
+    ) -> Tensor:
         """Float images in [0, 1], (B, C, H, W), for the given rows."""
         if isinstance(index, Tensor):
             index = index.cpu().numpy()

@@ -27,7 +27,9 @@ class DecoderOnlyConfig(ModelConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        require(self.objective in ("mse", "marginal"), "model.objective", "one of 'mse', 'marginal'")
+        require(
+            self.objective in ("mse", "marginal"), "model.objective", "one of 'mse', 'marginal'"
+        )
 
 
 @register("decoder_only", DecoderOnlyConfig)

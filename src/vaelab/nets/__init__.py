@@ -28,4 +28,11 @@ def build_decoder(cfg: ModelConfig, shape: Shape) -> nn.Module:
     return MLPDecoder(shape, cfg.widths, cfg.latent_dim)
 
 
-__all__ = ["ConvDecoder", "ConvEncoder", "MLPDecoder", "MLPEncoder", "build_decoder", "build_encoder"]
+__all__ = [
+    "ConvDecoder",
+    "ConvEncoder",
+    "MLPDecoder",
+    "MLPEncoder",
+    "build_decoder",
+    "build_encoder",
+]

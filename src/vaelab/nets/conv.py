@@ -39,7 +39,9 @@ class ConvEncoder(nn.Module):
 
 
 class ConvDecoder(nn.Module):
-    def __init__(self, shape: tuple[int, int, int], widths: tuple[int, ...], latent_dim: int) -> None:
+    def __init__(
+        self, shape: tuple[int, int, int], widths: tuple[int, ...], latent_dim: int
+    ) -> None:
         super().__init__()
         c, h, w = shape
         hs, ws = _down_sizes(h, len(widths)), _down_sizes(w, len(widths))

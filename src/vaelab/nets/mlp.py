@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 from torch import Tensor, nn
@@ -9,7 +10,7 @@ from torch import Tensor, nn
 
 def _mlp(sizes: list[int]) -> nn.Sequential:
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
         layers.append(nn.Linear(a, b))
         if i < len(sizes) - 2:
             layers.append(nn.LeakyReLU(0.2))
@@ -26,7 +27,9 @@ class MLPEncoder(nn.Module):
 
 
 class MLPDecoder(nn.Module):
-    def __init__(self, shape: tuple[int, int, int], widths: tuple[int, ...], latent_dim: int) -> None:
+    def __init__(
+        self, shape: tuple[int, int, int], widths: tuple[int, ...], latent_dim: int
+    ) -> None:
         super().__init__()
         self.shape = shape
         self.net = _mlp([latent_dim, *reversed(widths), math.prod(shape)])

@@ -44,8 +44,15 @@ def plot_curves(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "
         if shown:
             ax.legend()
         else:
-            ax.text(0.5, 0.5, "no such term\n(no encoder)", ha="center", va="center",
-                    transform=ax.transAxes, color="gray")
+            ax.text(
+                0.5,
+                0.5,
+                "no such term\n(no encoder)",
+                ha="center",
+                va="center",
+                transform=ax.transAxes,
+                color="gray",
+            )
         ax.set_title(label, fontsize=10)
         ax.set_xlabel("epoch")
         ax.set_ylabel("nats per image")
@@ -73,8 +80,13 @@ def _show(grid: np.ndarray, path: str | Path, title: str) -> None:
     h, w, c = grid.shape
     fig = Figure(figsize=(w / 40 + 0.4, h / 40 + 0.6))
     ax = fig.add_subplot()
-    ax.imshow(grid[..., 0] if c == 1 else grid, cmap="gray" if c == 1 else None,
-              vmin=0, vmax=255, interpolation="nearest")
+    ax.imshow(
+        grid[..., 0] if c == 1 else grid,
+        cmap="gray" if c == 1 else None,
+        vmin=0,
+        vmax=255,
+        interpolation="nearest",
+    )
     ax.set_axis_off()
     ax.set_title(title, fontsize=9)
     _save(fig, path)

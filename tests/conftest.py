@@ -1,0 +1,32 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import vaelab  # noqa: F401  (registers the models)
+from vaelab.config import RunConfig, load_config
+from vaelab.data import ImageDataset, Splits
+
+
+def tiny_splits(n_train: int = 64, n_val: int = 16, shape=(8, 8, 1), seed: int = 0) -> Splits:
+    """Random uint8 images (N, H, W, C): enough to exercise every code path in milliseconds."""
+    rng = np.random.default_rng(seed)
+    train = rng.integers(0, 256, (n_train, *shape), dtype=np.uint8)
+    val = rng.integers(0, 256, (n_val, *shape), dtype=np.uint8)
+    return Splits(train=ImageDataset(train), val=ImageDataset(val))
+
+
+def tiny_config(*overrides: str) -> RunConfig:
+    base = [
+        "model.widths=[4,8]",
+        "model.latent_dim=2",
+        "train.batch_size=16",
+        "train.epochs=2",
+        "train.progress=false",
+    ]
+    return load_config(overrides=[*base, *overrides])
+
+
+@pytest.fixture
+def splits() -> Splits:
+    return tiny_splits()

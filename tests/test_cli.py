@@ -1,0 +1,58 @@
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from vaelab.cli import main
+from vaelab.train import read_metrics
+
+FAST = ["model.net=mlp", "model.widths=[32]", "model.latent_dim=4", "train.progress=false"]
+
+
+def test_train_then_resume_from_the_command_line(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("model:\n  name: beta_vae\ntrain:\n  epochs: 1\n")
+    run = tmp_path / "run"
+    assert main(["train", str(config), "--out", str(run), *FAST, "model.beta=2"]) == 0
+    assert read_metrics(run)[-1]["epoch"] == 1
+    assert "beta: 2.0" in (run / "config.yaml").read_text()
+    assert main(["train", "--resume", str(run), "train.epochs=2"]) == 0
+    assert [r["epoch"] for r in read_metrics(run)] == [1, 1, 2, 2]
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    assert main(["train", "--out", str(tmp_path / "r"), "model.bta=1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vaelab: error: unknown config key 'model.bta'")
+    assert err.count("\n") == 1
+    assert main(["train", "--resume", str(tmp_path / "none")]) == 2
+    assert "a vaelab run" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_console_script_entry_point(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "vaelab", "config", "model.name=decoder_only", "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert json.loads(out.stdout)["model"]["objective"] == "mse"
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--epochs", "1", "--quiet"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary) == {"decoder_only", "vae", "beta_vae"}
+    for name, s in summary.items():
+        for key in ["diversity_ratio", "val_recon", "val_kl", "val_elbo_nats", "seconds"]:
+            assert key in s
+        assert (s["val_kl"] is None) == (name == "decoder_only")
+        for fig in ["curves", "reconstructions", "samples"]:
+            with Image.open(out / name / "figures" / f"{fig}.png") as img:
+                assert img.width > 200 and img.height > 100
+    assert "diversity" in capsys.readouterr().out

@@ -1,0 +1,108 @@
+import math
+
+import pytest
+import torch
+
+from tests.conftest import tiny_config
+from vaelab import losses
+from vaelab.models import MODELS, build
+
+SHAPE = (1, 8, 8)
+
+
+def make(name: str, *overrides: str):
+    torch.manual_seed(0)
+    return build(tiny_config(f"model.name={name}", *overrides).model, SHAPE)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("net", ["conv", "mlp"])
+def test_every_model_trains_and_samples(name, net):
+    model = make(name, f"model.net={net}", "model.mc_samples=3")
+    x = torch.rand(4, *SHAPE)
+    out = model(x)
+    for term in (out.loss, out.recon, out.elbo):
+        assert term.shape == (4,)
+        assert torch.isfinite(term).all()
+    assert out.x_mean.shape == (4, *SHAPE)
+    assert out.kl is None or out.kl.shape == (4,)
+    out.loss.mean().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+    samples = model.sample(5)
+    assert samples.shape == (5, *SHAPE)
+    assert samples.min() >= 0 and samples.max() <= 1
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_models_with_encoders_encode(name):
+    model = make(name)
+    x = torch.rand(3, *SHAPE)
+    if model.has_encoder:
+        q = model.encode(x)
+        assert q.mu.shape == q.logvar.shape == (3, 2)
+        assert model.reconstruct(x).shape == x.shape
+    else:
+        with pytest.raises(NotImplementedError, match="no encoder"):
+            model.encode(x)
+
+
+def test_vae_terms_are_the_elbo_with_constants():
+    model = make("vae").eval()
+    x = torch.rand(4, *SHAPE)
+    torch.manual_seed(1)
+    out = model(x)
+    torch.manual_seed(1)
+    q = model.encode(x)
+    z = q.rsample(1)[0]
+    mean = model.decode(z)
+    sse = ((x - mean) ** 2).flatten(1).sum(1)
+    torch.testing.assert_close(out.recon, sse)  # sigma2 = 1/2: recon is the squared error
+    torch.testing.assert_close(out.kl, losses.gaussian_kl(q.mu, q.logvar))
+    const = 0.5 * 64 * math.log(math.pi)
+    torch.testing.assert_close(out.elbo, -(sse + const + out.kl))
+    torch.testing.assert_close(out.loss, out.recon + out.kl)
+
+
+def test_beta_weights_only_the_kl_in_the_loss():
+    x = torch.rand(4, *SHAPE)
+    vae, beta = make("vae"), make("beta_vae", "model.beta=3.5")
+    beta.load_state_dict(vae.state_dict())
+    torch.manual_seed(2)
+    a = vae(x)
+    torch.manual_seed(2)
+    b = beta(x)
+    torch.testing.assert_close(b.loss, a.recon + 3.5 * a.kl)
+    torch.testing.assert_close(b.elbo, a.elbo)  # the reported ELBO stays unweighted
+
+
+def test_bernoulli_likelihood():
+    model = make("vae", "model.likelihood=bernoulli")
+    x = (torch.rand(4, *SHAPE) > 0.5).float()
+    torch.manual_seed(3)
+    out = model(x)
+    torch.manual_seed(3)
+    z = model.encode(x).rsample(1)[0]
+    torch.testing.assert_close(out.recon, losses.bernoulli_nll(x, model.decode_logits(z)))
+
+
+def test_decoder_only_objectives():
+    x = torch.rand(4, *SHAPE)
+    mse = make("decoder_only", "model.mc_samples=5")
+    marginal = make("decoder_only", "model.mc_samples=5", "model.objective=marginal")
+    marginal.load_state_dict(mse.state_dict())
+    torch.manual_seed(4)
+    a = mse(x)
+    torch.manual_seed(4)
+    z = torch.randn(5, 4, 2)
+    means = mse.decode(z.flatten(0, 1)).view(5, 4, *SHAPE)
+    sse = ((x - means) ** 2).flatten(2).sum(2)  # (m, B)
+    torch.testing.assert_close(a.loss, sse.mean(0))  # 1/m * sum of squared errors
+    nll = sse + 0.5 * 64 * math.log(math.pi)
+    log_px = torch.logsumexp(-nll, 0) - math.log(5)
+    torch.testing.assert_close(a.elbo, log_px)
+    torch.manual_seed(4)
+    b = marginal(x)
+    torch.testing.assert_close(b.loss, -log_px)  # -log of the Monte-Carlo mean of p(x|z_i)
+    assert a.kl is None

@@ -1,0 +1,136 @@
+import json
+
+import pytest
+import torch
+
+import vaelab
+from tests.conftest import tiny_config
+from vaelab.checkpoint import CheckpointError
+from vaelab.config import ConfigError
+from vaelab.models.vae import VAE
+from vaelab.train import TrainingDiverged, read_metrics
+
+KEYS = ["split", "epoch", "step", "loss", "recon", "kl", "elbo_nats", "bpd", "seconds"]
+
+
+def weights(run):
+    return vaelab.load(run).state_dict()
+
+
+def test_metrics_and_files(tmp_path, splits):
+    run = vaelab.train(tiny_config(), tmp_path / "run", splits=splits)
+    rows = read_metrics(run)
+    assert [(r["split"], r["epoch"]) for r in rows] == [
+        ("train", 1),
+        ("val", 1),
+        ("train", 2),
+        ("val", 2),
+    ]
+    for r in rows:
+        assert list(r) == KEYS
+    assert rows[-1]["step"] == 2 * (64 // 16)
+    assert rows[-1]["elbo_nats"] < 0 and rows[-1]["bpd"] > 0
+    for name in [
+        "config.yaml",
+        "config.json",
+        "model.safetensors",
+        "state/train_state.safetensors",
+    ]:
+        assert (run / name).is_file()
+    assert not list(run.rglob("*.tmp"))
+    assert vaelab.load_config(run / "config.yaml") == tiny_config()
+
+
+def test_training_is_deterministic(tmp_path, splits):
+    a = vaelab.train(tiny_config(), tmp_path / "a", splits=splits)
+    b = vaelab.train(tiny_config(), tmp_path / "b", splits=splits)
+    for k, v in weights(a).items():
+        assert torch.equal(v, weights(b)[k]), k
+
+
+class Interrupt(Exception):
+    pass
+
+
+def stop_after(epoch):
+    def callback(e, rows):
+        if e == epoch:
+            raise Interrupt
+
+    return callback
+
+
+@pytest.mark.parametrize("name", ["vae", "decoder_only"])
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, splits, name):
+    cfg = tiny_config(f"model.name={name}", "train.epochs=3")
+    full = vaelab.train(cfg, tmp_path / "full", splits=splits)
+    with pytest.raises(Interrupt):
+        vaelab.train(cfg, tmp_path / "cut", splits=splits, on_epoch_end=stop_after(1))
+    assert [r["epoch"] for r in read_metrics(tmp_path / "cut")] == [1, 1]
+    vaelab.resume(tmp_path / "cut", splits=splits)
+    for k, v in weights(full).items():
+        assert torch.equal(v, weights(tmp_path / "cut")[k]), k
+    drop = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert drop(read_metrics(full)) == drop(read_metrics(tmp_path / "cut"))
+
+
+def test_resume_can_extend_but_not_change_the_run(tmp_path, splits):
+    run = vaelab.train(tiny_config("train.epochs=1"), tmp_path / "run", splits=splits)
+    vaelab.resume(run, ["train.epochs=2"], splits=splits)
+    assert read_metrics(run)[-1]["epoch"] == 2
+    with pytest.raises(ConfigError, match="'model.beta' cannot change when resuming"):
+        vaelab.resume(run, ["model.beta=3"], splits=splits)
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        vaelab.train(tiny_config(), run, splits=splits)
+    with pytest.raises(CheckpointError, match="is '.*' a vaelab run"):
+        vaelab.resume(tmp_path / "nothing", splits=splits)
+
+
+def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(tmp_path, splits, monkeypatch):
+    cfg = tiny_config("train.epochs=3")
+    run = tmp_path / "run"
+    original = VAE.forward
+    calls = {"n": 0}
+
+    def forward(self, x):
+        out = original(self, x)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] == 6:  # epoch 2, step 6 (4 steps per epoch)
+                return type(out)(**{**out.__dict__, "loss": out.loss * float("nan")})
+        return out
+
+    monkeypatch.setattr(VAE, "forward", forward)
+    with pytest.raises(
+        TrainingDiverged, match=r"at epoch 2, step 6; the last good checkpoint \(epoch 1\)"
+    ):
+        vaelab.train(cfg, run, splits=splits)
+    state = json.loads((run / "config.json").read_text())
+    assert state["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in weights(run).values() if v.is_floating_point())
+    assert [r["epoch"] for r in read_metrics(run)] == [1, 1]
+
+
+def _collapse_run(tmp_path, name):
+    cfg = vaelab.load_config(
+        overrides=[
+            f"model.name={name}",
+            "model.widths=[16,32]",
+            "model.latent_dim=8",
+            "train.epochs=4",
+            "train.progress=false",
+        ]
+    )
+    return vaelab.train(cfg, tmp_path / name)
+
+
+@pytest.mark.slow
+def test_decoder_only_collapses_and_vae_does_not(tmp_path):
+    from vaelab import data
+    from vaelab.evaluate import diversity_ratio
+
+    val = data.build(vaelab.load_config().data).val
+    collapsed = diversity_ratio(vaelab.load(_collapse_run(tmp_path, "decoder_only")), val)
+    learned = diversity_ratio(vaelab.load(_collapse_run(tmp_path, "vae")), val)
+    assert collapsed < 0.1, collapsed
+    assert learned > 0.4, learned
