@@ -8,7 +8,7 @@ from tests.conftest import tiny_config
 from vaelab.checkpoint import CheckpointError
 from vaelab.config import ConfigError
 from vaelab.models.vae import VAE
-from vaelab.train import TrainingDiverged, read_metrics
+from vaelab.train import TrainingDiverged, learning_rate, read_metrics
 
 KEYS = ["split", "epoch", "step", "loss", "recon", "kl", "elbo_nats", "bpd", "seconds"]
 
@@ -60,9 +60,11 @@ def stop_after(epoch):
     return callback
 
 
-@pytest.mark.parametrize("name", ["vae", "decoder_only"])
-def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, splits, name):
-    cfg = tiny_config(f"model.name={name}", "train.epochs=3")
+@pytest.mark.parametrize(
+    ("name", "schedule"), [("vae", "constant"), ("beta_vae", "cosine"), ("decoder_only", "cosine")]
+)
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, splits, name, schedule):
+    cfg = tiny_config(f"model.name={name}", "train.epochs=3", f"train.lr_schedule={schedule}")
     full = vaelab.train(cfg, tmp_path / "full", splits=splits)
     with pytest.raises(Interrupt):
         vaelab.train(cfg, tmp_path / "cut", splits=splits, on_epoch_end=stop_after(1))
@@ -109,6 +111,14 @@ def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(tmp_path, splits, mo
     assert state["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in weights(run).values() if v.is_floating_point())
     assert [r["epoch"] for r in read_metrics(run)] == [1, 1]
+
+
+def test_cosine_schedule_decays_from_lr_to_zero():
+    tc = tiny_config("train.lr=0.01", "train.lr_schedule=cosine").train
+    assert learning_rate(tc, 0, 100) == pytest.approx(0.01)
+    assert learning_rate(tc, 50, 100) == pytest.approx(0.005)
+    assert learning_rate(tc, 100, 100) == pytest.approx(0.0)
+    assert learning_rate(tiny_config("train.lr=0.01").train, 70, 100) == 0.01
 
 
 def _collapse_run(tmp_path, name):

@@ -71,6 +71,7 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 128
     lr: float = 1e-3
+    lr_schedule: str = "constant"  # constant | cosine (decays to 0 over train.epochs)
     seed: int = 0  # seeds initialisation, shuffling and the model's noise
     device: str = "cpu"  # cpu | cuda | auto
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
@@ -80,6 +81,9 @@ class TrainConfig:
         require(self.epochs >= 1, "train.epochs", "an integer >= 1")
         require(self.batch_size >= 1, "train.batch_size", "an integer >= 1")
         require(self.lr > 0, "train.lr", "a number > 0")
+        require(
+            self.lr_schedule in ("constant", "cosine"), "train.lr_schedule", "constant or cosine"
+        )
         require(self.device in ("cpu", "cuda", "auto"), "train.device", "cpu, cuda or auto")
         require(self.threads >= 0, "train.threads", "an integer >= 0")
 

@@ -32,7 +32,7 @@ from vaelab.checkpoint import (
     save_model,
     save_train_state,
 )
-from vaelab.config import ConfigError, RunConfig, dump_yaml, load_config, to_dict
+from vaelab.config import ConfigError, RunConfig, TrainConfig, dump_yaml, load_config, to_dict
 from vaelab.data import ImageDataset, Splits
 from vaelab.models.base import GenerativeModel
 
@@ -157,6 +157,8 @@ def _fit(
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(tc, counters["step"], tc.epochs * steps_per_epoch)
             optimizer.step()
             counters["step"] += 1
             sums.add(out)
@@ -166,7 +168,9 @@ def _fit(
         bar.close()
         counters["seconds"] += time.perf_counter() - start
         train_row = _row("train", epoch, counters, sums.means(), model.num_dims)
+        start = time.perf_counter()
         val_means = evaluate_split(model, splits.val, batch_size, device)
+        counters["seconds"] += time.perf_counter() - start
         val_row = _row("val", epoch, counters, val_means, model.num_dims)
         counters["epoch"] = epoch
         rows += [train_row, val_row]
@@ -187,6 +191,14 @@ def _fit(
         if on_epoch_end is not None:
             on_epoch_end(epoch, [train_row, val_row])
     return run
+
+
+def learning_rate(tc: TrainConfig, step: int, total_steps: int) -> float:
+    """The learning rate for optimizer step ``step`` (0-based): a function of the step alone,
+    so resume needs no scheduler state."""
+    if tc.lr_schedule == "cosine":
+        return tc.lr * 0.5 * (1.0 + math.cos(math.pi * min(step / total_steps, 1.0)))
+    return tc.lr
 
 
 def _fmt(v: float | None) -> str:

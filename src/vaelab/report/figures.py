@@ -110,3 +110,33 @@ def save_reconstructions(
     for i in range(0, len(rows), 2):
         stacked += [rows[i][:-2], rows[i + 1], gap]
     _show(np.concatenate(stacked[:-1]), path, title)
+
+
+def save_overview(
+    columns: dict[str, list[tuple[str, Tensor]]], path: str | Path, title: str = ""
+) -> None:
+    """Models side by side: one column per model, each a list of (caption, images (N, C, H, W))."""
+    names = list(columns)
+    n_rows = max(len(c) for c in columns.values())
+    fig = Figure(figsize=(3.6 * len(names), 3.7 * n_rows))
+    axes = fig.subplots(n_rows, len(names), squeeze=False)
+    for col, name in enumerate(names):
+        for row in range(n_rows):
+            ax = axes[row][col]
+            ax.set_axis_off()
+            if row >= len(columns[name]):
+                continue
+            caption, images = columns[name][row]
+            grid = image_grid(images, nrow=8)
+            ax.imshow(
+                grid[..., 0] if grid.shape[2] == 1 else grid,
+                cmap="gray",
+                vmin=0,
+                vmax=255,
+                interpolation="nearest",
+            )
+            ax.set_title(f"{name}: {caption}", fontsize=9)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    _save(fig, path)
