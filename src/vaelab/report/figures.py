@@ -44,15 +44,10 @@ def plot_curves(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "
         if shown:
             ax.legend()
         else:
-            ax.text(
-                0.5,
-                0.5,
-                "no such term\n(no encoder)",
-                ha="center",
-                va="center",
-                transform=ax.transAxes,
-                color="gray",
-            )
+            ax.text(0.5, 0.5, "no such term\n(no encoder)", ha="center", va="center",
+                    transform=ax.transAxes, color="gray")  # fmt: skip
+            ax.set_xticks([])
+            ax.set_yticks([])
         ax.set_title(label, fontsize=10)
         ax.set_xlabel("epoch")
         ax.set_ylabel("nats per image")
