@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
+import time
 from pathlib import Path
 
 from vaelab.checkpoint import CheckpointError
@@ -50,6 +52,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from vaelab import data
+
+    path, overrides = _split_args(args.items)
+    cfg = load_config(path, overrides)
+    start = time.perf_counter()
+    splits = data.build(cfg.data, progress=not args.quiet)
+    seconds = time.perf_counter() - start
+    info = splits.info
+    n = len(splits.train) + len(splits.val) + (len(splits.test) if splits.test else 0)
+    sizes = f"{len(splits.train)} train, {len(splits.val)} val"
+    sizes += f", {len(splits.test)} test" if splits.test else ""
+    if "cache" in info and info.get("reused"):
+        print(f"{n} images ({sizes}) already prepared in {info['cache']}")
+    elif "cache" in info:
+        print(
+            f"prepared {info['count']} images ({sizes}; {len(info['skipped'])} files skipped) "
+            f"at {info['images_per_second']} images/s into {info['cache']}"
+        )
+    else:
+        print(f"{n} images ({sizes}) read in {seconds:.1f} s (this source needs no cache)")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     from vaelab.config import dump_yaml
 
@@ -82,6 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
 
+    p = sub.add_parser("prepare", help="decode and cache a data set ahead of training")
+    p.add_argument("items", nargs="*", metavar="[CONFIG] [key=value]")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_prepare)
+
     p = sub.add_parser("config", help="print the resolved config (defaults, file, overrides)")
     p.add_argument("items", nargs="*", metavar="[CONFIG] [key=value]")
     p.add_argument("--json", action="store_true")
@@ -98,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.items = [*args.items, *extra]
+    logging.basicConfig(format="vaelab: %(message)s", level=logging.INFO)
     import vaelab  # noqa: F401  (registers the models before any config is read)
 
     try:

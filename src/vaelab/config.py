@@ -27,12 +27,23 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class DataConfig:
     name: str = "mnist5k"  # a registered data source (see vaelab.data)
-    root: str = ""  # folder for sources that read local files; unused by mnist5k
-    val_fraction: float = 0.1  # share of each class held out for validation
+    root: str = ""  # the source's folder (celeba, folder, idx) or file (mnist5k: another CSV)
+    size: int = 0  # output height = width in pixels; 0: the source's own (64 for image folders)
+    crop: int = 0  # centre crop before resizing; 0: the source's (148 for celeba, else the
+    # centre square of the short side)
+    channels: int = 0  # 1 (grey) or 3 (RGB); 0: the source's own
+    val_fraction: float = 0.1  # share held out for validation where a source has no split
     seed: int = 0  # seeds the train/val split, independent of the training seed
+    flip: bool = False  # random horizontal flips of training batches (for faces)
+    cache_dir: str = ""  # preprocessing cache; "": $VAELAB_CACHE or ~/.cache/vaelab
+    workers: int = 0  # processes decoding images while preparing; 0: all cores
 
     def __post_init__(self) -> None:
         require(0.0 < self.val_fraction < 1.0, "data.val_fraction", "a number in (0, 1)")
+        require(self.size >= 0, "data.size", "an integer >= 0 (0: the source's own)")
+        require(self.crop >= 0, "data.crop", "an integer >= 0 (0: the source's own)")
+        require(self.channels in (0, 1, 3), "data.channels", "0, 1 or 3")
+        require(self.workers >= 0, "data.workers", "an integer >= 0 (0: all cores)")
 
 
 @dataclass(frozen=True)

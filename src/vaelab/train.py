@@ -107,7 +107,7 @@ def _fit(
     if tc.threads:
         torch.set_num_threads(tc.threads)
     device = _device(tc.device)
-    splits = splits if splits is not None else data.build(cfg.data)
+    splits = splits if splits is not None else data.build(cfg.data, progress=tc.progress)
 
     torch.manual_seed(tc.seed)
     model = models.build(cfg.model, splits.train.shape).to(device)
@@ -141,6 +141,8 @@ def _fit(
         )
         for i in range(steps_per_epoch):
             x = splits.train.batch(order[i * batch_size : (i + 1) * batch_size], device)
+            if cfg.data.flip:
+                x = data.random_hflip(x)
             out = model(x)
             loss = out.loss.mean()
             value = loss.item()

@@ -1,6 +1,8 @@
 """Data sources by name: ``build(DataConfig)`` returns the train/val(/test) splits.
 
-Each source is a module with ``build(cfg) -> Splits``; registering one is one line in SOURCES.
+Each source is a function ``(cfg, progress) -> Splits``; registering one is one line in SOURCES.
+Sources that decode image files go through the preprocessing cache (``data/cache.py``), so
+training never decodes an image twice.
 """
 
 from __future__ import annotations
@@ -8,21 +10,34 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from vaelab.config import DataConfig
-from vaelab.data import mnist5k
-from vaelab.data.base import DataError, ImageDataset, Splits, stratified_split
+from vaelab.data import celeba, folder, idx, mnist5k
+from vaelab.data.base import DataError, ImageDataset, Splits, random_hflip, stratified_split
 
-SOURCES: dict[str, Callable[[DataConfig], Splits]] = {
+SOURCES: dict[str, Callable[[DataConfig, bool], Splits]] = {
     "mnist5k": mnist5k.build,
+    "celeba": celeba.build,
+    "folder": folder.build,
+    "idx": idx.build,
+    "fashion_mnist": idx.build_fashion_mnist,
 }
 
 
-def build(cfg: DataConfig) -> Splits:
+def build(cfg: DataConfig, progress: bool = True) -> Splits:
+    """The splits of the source ``cfg.name``; ``progress`` shows a bar while preparing."""
     if cfg.name not in SOURCES:
         known = ", ".join(sorted(SOURCES))
         raise DataError(
             f"config key 'data.name': unknown data source '{cfg.name}' (known: {known})"
         )
-    return SOURCES[cfg.name](cfg)
+    return SOURCES[cfg.name](cfg, progress)
 
 
-__all__ = ["SOURCES", "DataError", "ImageDataset", "Splits", "build", "stratified_split"]
+__all__ = [
+    "SOURCES",
+    "DataError",
+    "ImageDataset",
+    "Splits",
+    "build",
+    "random_hflip",
+    "stratified_split",
+]

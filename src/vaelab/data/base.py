@@ -1,27 +1,41 @@
-"""The dataset interface: uint8 images held in memory, turned into float batches on demand.
+"""The dataset interface: uint8 images in memory (or memory-mapped), float batches on demand.
 
-Images are stored as (N, H, W, C) uint8, the layout of the preprocessing cache that larger
-sources will write; ``batch`` converts only the rows it is asked for, so no float copy of the
-whole dataset is ever made.
+Images are stored as (N, H, W, C) uint8, the layout of the preprocessing cache; a dataset is a
+view of rows of such an array, so train/val/test splits share one array and nothing is copied.
+``batch`` converts only the rows it is asked for: no per-image Python loop, no decoding.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
+log = logging.getLogger("vaelab")
+
 
 class DataError(ValueError):
-    """Data that cannot be read or split (message names the file or key)."""
+    """Data that cannot be found, read or split (message names the file or key)."""
 
 
 class ImageDataset:
-    """Images (N, H, W, C) uint8 with optional integer labels (N,)."""
+    """Rows ``rows`` (default: all) of ``images`` (N, H, W, C) uint8.
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray | None = None) -> None:
+    labels: optional (N,) integers (digit class, CelebA identity); attributes: optional name ->
+    (N,) arrays (CelebA's 40 binary attributes as -1/1). Both are indexed like ``images``.
+    """
+
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: np.ndarray | None = None,
+        rows: np.ndarray | None = None,
+        attributes: dict[str, np.ndarray] | None = None,
+    ) -> None:
         if images.dtype != np.uint8 or images.ndim != 4:
             raise DataError(
                 f"images: expected uint8 (N, H, W, C), got {images.dtype} {images.shape}"
@@ -29,10 +43,12 @@ class ImageDataset:
         if labels is not None and len(labels) != len(images):
             raise DataError(f"labels: expected {len(images)} entries, got {len(labels)}")
         self.images = images
-        self.labels = labels
+        self._labels = labels
+        self.rows = np.arange(len(images)) if rows is None else np.asarray(rows, dtype=np.int64)
+        self._attributes = attributes or {}
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.rows)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -40,18 +56,33 @@ class ImageDataset:
         _, h, w, c = self.images.shape
         return (c, h, w)
 
+    @property
+    def labels(self) -> np.ndarray | None:
+        return None if self._labels is None else self._labels[self.rows]
+
+    @property
+    def attributes(self) -> dict[str, np.ndarray]:
+        return {k: v[self.rows] for k, v in self._attributes.items()}
+
+    def uint8(self, index: np.ndarray | slice) -> np.ndarray:
+        """The stored images (B, H, W, C) uint8 for positions ``index`` of this dataset."""
+        rows = self.rows[index]
+        if isinstance(index, slice) and len(rows) and rows[-1] - rows[0] == len(rows) - 1:
+            return np.array(self.images[rows[0] : rows[-1] + 1])  # contiguous: one read
+        return self.images[rows]
+
     def batch(
         self, index: np.ndarray | Tensor | slice, device: str | torch.device = "cpu"
     ) -> Tensor:
-        """Float images in [0, 1], (B, C, H, W), for the given rows."""
+        """Float images in [0, 1], (B, C, H, W), for positions ``index`` of this dataset."""
         if isinstance(index, Tensor):
             index = index.cpu().numpy()
-        raw = torch.from_numpy(np.ascontiguousarray(self.images[index])).to(device)
+        raw = torch.from_numpy(np.ascontiguousarray(self.uint8(index))).to(device)
         return raw.permute(0, 3, 1, 2).float().div_(255.0)
 
     def subset(self, index: np.ndarray) -> ImageDataset:
-        labels = None if self.labels is None else self.labels[index]
-        return ImageDataset(self.images[index], labels)
+        """A view of positions ``index`` of this dataset (no copy of the images)."""
+        return ImageDataset(self.images, self._labels, self.rows[index], self._attributes)
 
 
 @dataclass(frozen=True)
@@ -59,6 +90,13 @@ class Splits:
     train: ImageDataset
     val: ImageDataset
     test: ImageDataset | None = None
+    info: dict[str, Any] = field(default_factory=dict)  # e.g. the cache's path and counts
+
+
+def random_hflip(x: Tensor) -> Tensor:
+    """Flip each image of (B, C, H, W) left-right with probability 1/2 (torch's global RNG)."""
+    flip = torch.rand(x.shape[0], device=x.device) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 
 def stratified_split(
@@ -74,3 +112,25 @@ def stratified_split(
         val.append(idx[:n_val])
         train.append(idx[n_val:])
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+
+
+def resize_array(images: np.ndarray, size: int, channels: int) -> np.ndarray:
+    """Resize (N, H, W, C) uint8 to (N, size, size, channels), antialiased; for small in-memory
+    sources whose native size differs from data.size (a one-off, not a training-time step)."""
+    from PIL import Image
+
+    n, h, w, c = images.shape
+    if (h, w) != (size, size):
+        out = np.empty((n, size, size, c), np.uint8)
+        for i, img in enumerate(images):
+            pil = Image.fromarray(img[..., 0] if c == 1 else img)
+            out[i] = np.asarray(pil.resize((size, size), Image.Resampling.LANCZOS)).reshape(
+                size, size, c
+            )
+        images = out
+    if channels == 3 and c == 1:
+        images = np.repeat(images, 3, axis=3)
+    elif channels == 1 and c == 3:
+        weights = np.array([0.299, 0.587, 0.114])  # ITU-R 601 luma, as Pillow's convert("L")
+        images = (images @ weights).round().clip(0, 255).astype(np.uint8)[..., None]
+    return images

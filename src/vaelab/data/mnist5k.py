@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from vaelab.config import DataConfig
-from vaelab.data.base import DataError, ImageDataset, Splits, stratified_split
+from vaelab.data.base import DataError, ImageDataset, Splits, resize_array, stratified_split
 
 RELATIVE = Path("data") / "data" / "mnist_5k.csv.gz"
 
@@ -44,8 +44,9 @@ def read_mnist5k(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     return images, table[:, 784]
 
 
-def build(cfg: DataConfig) -> Splits:
+def build(cfg: DataConfig, progress: bool = True) -> Splits:
     images, labels = read_mnist5k(Path(cfg.root) if cfg.root else mnist5k_path())
+    images = resize_array(images, cfg.size or 28, cfg.channels or 1)
     train_idx, val_idx = stratified_split(labels, cfg.val_fraction, cfg.seed)
     full = ImageDataset(images, labels)
     return Splits(train=full.subset(train_idx), val=full.subset(val_idx))
