@@ -32,6 +32,22 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
+def test_divergence_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    from vaelab.models.vae import VAE
+
+    original = VAE.forward
+
+    def forward(self, x):
+        out = original(self, x)
+        return type(out)(**{**out.__dict__, "loss": out.loss * float("inf")})
+
+    monkeypatch.setattr(VAE, "forward", forward)
+    assert main(["train", "--out", str(tmp_path / "r"), *FAST, "train.epochs=1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vaelab: error: loss became inf at epoch 1, step 1;")
+    assert err.count("\n") == 1
+
+
 def test_console_script_entry_point(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "vaelab", "config", "model.name=decoder_only", "--json"],

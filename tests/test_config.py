@@ -59,3 +59,43 @@ def test_configs_are_frozen():
     cfg = load_config()
     with pytest.raises(AttributeError):
         cfg.train.epochs = 3  # type: ignore[misc]
+
+
+def test_command_line_text_keeps_its_meaning():
+    cfg = load_config(overrides=["data.root=0123", "model.widths=32", "train.progress=no"])
+    assert cfg.data.root == "0123"  # not YAML's octal 83
+    assert cfg.model.widths == (32,)
+    assert cfg.train.progress is False
+    assert load_config(overrides=["data.root=no"]).data.root == "no"
+    assert load_config(overrides=["model.widths=[8, 16]"]).model.widths == (8, 16)
+
+
+@pytest.mark.parametrize(
+    "override", ["train.lr=inf", "model.sigma2=nan", "model.sigma2=0", "train.lr=-1"]
+)
+def test_non_finite_or_non_positive_numbers_are_refused(override):
+    with pytest.raises(ConfigError, match=override.split("=")[0]):
+        load_config(overrides=override.split())
+    with pytest.raises(ConfigError, match="model.beta"):
+        load_config(overrides=["model.name=beta_vae", "model.beta=inf"])
+
+
+def test_yaml_values_are_type_checked_and_sections_must_be_mappings(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  root: 3\n")
+    with pytest.raises(ConfigError, match=r"'data.root': expected str, got 3 \(int\)"):
+        load_config(path)
+    path.write_text("model: 3\n")
+    with pytest.raises(ConfigError, match="section 'model' is not a mapping"):
+        load_config(path, ["model.beta=4"])
+    path.write_text("model:\n  # name: vae\ntrain:\n  lr: 1\n")
+    cfg = load_config(path)
+    assert cfg.model.name == "vae" and cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+
+
+def test_dataclasses_built_in_python_are_type_checked():
+    from vaelab.config import TrainConfig
+
+    with pytest.raises(ConfigError, match="'train.epochs': expected int, got 2.5"):
+        TrainConfig(epochs=2.5)  # type: ignore[arg-type]
+    assert TrainConfig(lr=1).lr == 1.0

@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+from torch.distributions import Normal, kl_divergence
 
 from tests.conftest import tiny_config
 from vaelab import losses
@@ -24,7 +25,6 @@ def test_every_model_trains_and_samples(name, net):
     for term in (out.loss, out.recon, out.elbo):
         assert term.shape == (4,)
         assert torch.isfinite(term).all()
-    assert out.x_mean.shape == (4, *SHAPE)
     assert out.kl is None or out.kl.shape == (4,)
     out.loss.mean().backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
@@ -63,6 +63,45 @@ def test_vae_terms_are_the_elbo_with_constants():
     const = 0.5 * 64 * math.log(math.pi)
     torch.testing.assert_close(out.elbo, -(sse + const + out.kl))
     torch.testing.assert_close(out.loss, out.recon + out.kl)
+
+
+@pytest.mark.parametrize("sigma2", [0.5, 0.05])
+def test_vae_elbo_matches_torch_distributions_on_rgb(sigma2):
+    shape = (3, 6, 5)
+    torch.manual_seed(0)
+    model = build(tiny_config(f"model.sigma2={sigma2}").model, shape).eval()
+    x = torch.rand(4, *shape)
+    torch.manual_seed(1)
+    out = model(x)
+    torch.manual_seed(1)
+    q = model.encode(x)
+    z = q.rsample(1)[0]
+    p_x = Normal(model.decode(z), math.sqrt(sigma2))
+    log_px = p_x.log_prob(x).flatten(1).sum(1)
+    kl = kl_divergence(Normal(q.mu, q.std), Normal(0.0, 1.0)).sum(1)
+    torch.testing.assert_close(out.elbo, log_px - kl)
+    sse = ((x - model.decode(z)) ** 2).flatten(1).sum(1)
+    torch.testing.assert_close(out.recon, sse / (2 * sigma2))
+    elbo = out.elbo.mean().item()
+    k = 3 * 6 * 5
+    assert model.bits_per_dim(elbo) == pytest.approx((-elbo / k + math.log(256)) / math.log(2))
+
+
+def test_vae_averages_recon_over_mc_samples():
+    model = make("vae", "model.mc_samples=4").eval()
+    x = torch.rand(3, *SHAPE)
+    torch.manual_seed(5)
+    out = model(x)
+    torch.manual_seed(5)
+    q = model.encode(x)
+    z = q.rsample(4)  # (4, B, d)
+    sse = ((x - model.decode(z.flatten(0, 1)).view(4, 3, *SHAPE)) ** 2).flatten(2).sum(2)
+    torch.testing.assert_close(out.recon, sse.mean(0))
+
+
+def test_bernoulli_bits_per_dim_has_no_dequantisation_term():
+    model = make("vae", "model.likelihood=bernoulli")
+    assert model.bits_per_dim(-64 * math.log(2)) == pytest.approx(1.0)
 
 
 def test_beta_weights_only_the_kl_in_the_loss():

@@ -1,11 +1,12 @@
-import json
+import importlib
+import math
 
 import pytest
 import torch
 
 import vaelab
 from tests.conftest import tiny_config
-from vaelab.checkpoint import CheckpointError
+from vaelab.checkpoint import CheckpointError, weights_metadata
 from vaelab.config import ConfigError
 from vaelab.models.vae import VAE
 from vaelab.train import TrainingDiverged, learning_rate, read_metrics
@@ -29,7 +30,12 @@ def test_metrics_and_files(tmp_path, splits):
     for r in rows:
         assert list(r) == KEYS
     assert rows[-1]["step"] == 2 * (64 // 16)
-    assert rows[-1]["elbo_nats"] < 0 and rows[-1]["bpd"] > 0
+    last = rows[-1]
+    k = 64
+    assert last["bpd"] == pytest.approx((-last["elbo_nats"] / k + math.log(256)) / math.log(2))
+    # Gaussian, sigma2 = 1/2: -elbo = recon + K/2 log(pi) + kl, per image, averaged.
+    expected = -(last["recon"] + 0.5 * k * math.log(math.pi) + last["kl"])
+    assert last["elbo_nats"] == pytest.approx(expected, rel=1e-6)
     for name in [
         "config.yaml",
         "config.json",
@@ -107,10 +113,83 @@ def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(tmp_path, splits, mo
         TrainingDiverged, match=r"at epoch 2, step 6; the last good checkpoint \(epoch 1\)"
     ):
         vaelab.train(cfg, run, splits=splits)
-    state = json.loads((run / "config.json").read_text())
-    assert state["epoch"] == 1
+    assert weights_metadata(run)["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in weights(run).values() if v.is_floating_point())
     assert [r["epoch"] for r in read_metrics(run)] == [1, 1]
+
+
+def test_nan_weights_after_a_finite_loss_are_never_saved(tmp_path, splits, monkeypatch):
+    original = torch.optim.Adam.step
+    calls = {"n": 0}
+
+    def step(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 8:  # the last step of epoch 2: its loss was finite
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].fill_(float("nan"))
+        return result
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    run = tmp_path / "run"
+    with pytest.raises(TrainingDiverged, match="weights became non-finite in epoch 2 .by step 8."):
+        vaelab.train(tiny_config("train.epochs=3"), run, splits=splits)
+    assert weights_metadata(run)["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in weights(run).values() if v.is_floating_point())
+
+
+def test_crash_between_metrics_and_state_resumes_exactly(tmp_path, splits, monkeypatch):
+    cfg = tiny_config("train.epochs=3")
+    full = vaelab.train(cfg, tmp_path / "full", splits=splits)
+    # vaelab.train is also the name of the function, so the module is looked up by name.
+    trainer = importlib.import_module("vaelab.train")
+    real = trainer.save_train_state
+    calls = {"n": 0}
+
+    def dies_on_second(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # metrics of epoch 2 are written, its state is not
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "save_train_state", dies_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        vaelab.train(cfg, tmp_path / "cut", splits=splits)
+    assert [r["epoch"] for r in read_metrics(tmp_path / "cut")] == [1, 1, 2, 2]
+    monkeypatch.setattr(trainer, "save_train_state", real)
+    vaelab.resume(tmp_path / "cut", splits=splits)
+    for k, v in weights(full).items():
+        assert torch.equal(v, weights(tmp_path / "cut")[k]), k
+    assert [r["epoch"] for r in read_metrics(tmp_path / "cut")] == [1, 1, 2, 2, 3, 3]
+
+
+def test_bad_input_fails_before_a_run_directory_exists(tmp_path, splits):
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="train.device"):
+            vaelab.train(tiny_config("train.device=cuda"), tmp_path / "a", splits=splits)
+        assert not (tmp_path / "a").exists()
+    with pytest.raises(vaelab.data.DataError, match="does not exist"):
+        vaelab.train(tiny_config("data.name=folder", f"data.root={tmp_path}/none"), tmp_path / "b")
+    assert not (tmp_path / "b").exists()
+
+
+def test_resume_refuses_fewer_epochs_than_finished(tmp_path, splits):
+    run = vaelab.train(tiny_config("train.epochs=2"), tmp_path / "run", splits=splits)
+    before = (run / "config.yaml").read_text()
+    with pytest.raises(ConfigError, match="has finished 2 epochs, expected at least that many"):
+        vaelab.resume(run, ["train.epochs=1"], splits=splits)
+    assert (run / "config.yaml").read_text() == before
+
+
+def test_binarized_data_for_bernoulli(tmp_path, splits):
+    cfg = tiny_config("data.binarize=true", "model.likelihood=bernoulli")
+    run = vaelab.train(cfg, tmp_path / "run", splits=splits)
+    row = read_metrics(run)[-1]
+    assert row["bpd"] == pytest.approx(-row["elbo_nats"] / (64 * math.log(2)))
+    x = vaelab.data.build(vaelab.load_config(overrides=["data.binarize=true"]).data).val.batch(
+        slice(0, 10)
+    )
+    assert set(x.unique().tolist()) == {0.0, 1.0}
 
 
 def test_cosine_schedule_decays_from_lr_to_zero():

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -34,23 +34,40 @@ class CheckpointError(RuntimeError):
 
 
 def atomic_write(path: str | Path, data: bytes | str) -> None:
-    """Write ``data`` to ``path`` via a temporary file and a rename."""
+    """Write ``data`` to ``path`` via a temporary file in the same folder and a rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     raw = data.encode() if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a run is as readable as any file
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "xb") as f:  # "x": a new file, with the user's usual permissions
             f.write(raw)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)  # the rename itself survives a power cut
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # not every platform opens folders
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temporaries(run_dir: str | Path) -> None:
+    """Delete temporary files that a killed process left in a run directory."""
+    for tmp in Path(run_dir).rglob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
 
 
 def _read_json(path: Path) -> Any:
@@ -78,13 +95,23 @@ def _state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
 
 
-def save_model(run_dir: str | Path, model: GenerativeModel, meta: dict[str, Any]) -> None:
-    """Write ``config.json`` and ``model.safetensors`` so that ``load(run_dir)`` rebuilds it."""
-    run_dir = Path(run_dir)
+def save_model_config(run_dir: str | Path, model: GenerativeModel, meta: dict[str, Any]) -> None:
+    """Write ``config.json``: what ``load`` needs to rebuild the model (written once per run)."""
     info = {"format": FORMAT, "model": to_dict(model.cfg), "shape": list(model.shape), **meta}
-    atomic_write(run_dir / "config.json", json.dumps(info, indent=2) + "\n")
+    atomic_write(Path(run_dir) / "config.json", json.dumps(info, indent=2) + "\n")
+
+
+def save_weights(run_dir: str | Path, model: GenerativeModel, meta: dict[str, Any]) -> None:
+    """Write ``model.safetensors``, with ``meta`` (epoch, step) as JSON in its metadata."""
     metadata = {"format": FORMAT, **{k: json.dumps(v) for k, v in meta.items()}}
-    atomic_write(run_dir / "model.safetensors", st_save(_state_dict(model), metadata))
+    atomic_write(Path(run_dir) / "model.safetensors", st_save(_state_dict(model), metadata))
+
+
+def weights_metadata(run_dir: str | Path) -> dict[str, Any]:
+    """The metadata saved with a run's weights, e.g. {'format': ..., 'epoch': 3, 'step': 105}."""
+    path = Path(run_dir) / "model.safetensors"
+    _, metadata = _read_safetensors(path)
+    return {k: v if k == "format" else json.loads(v) for k, v in metadata.items()}
 
 
 def load(run_dir: str | Path, device: str | torch.device = "cpu") -> GenerativeModel:
@@ -102,6 +129,10 @@ def load(run_dir: str | Path, device: str | torch.device = "cpu") -> GenerativeM
     except (ConfigError, KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"'{run_dir / 'config.json'}': {err}") from None
     model = models.build(model_cfg, shape)  # type: ignore[arg-type]
+    if not (run_dir / "model.safetensors").is_file():
+        raise CheckpointError(
+            f"'{run_dir / 'model.safetensors'}' not found: the run has not finished an epoch yet"
+        )
     tensors, _ = _read_safetensors(run_dir / "model.safetensors")
     _load_into(model, tensors, run_dir / "model.safetensors")
     return model.to(device).eval()

@@ -12,8 +12,16 @@ from pathlib import Path
 from vaelab.checkpoint import CheckpointError
 from vaelab.config import ConfigError, load_config
 from vaelab.data import DataError
+from vaelab.train import TrainingDiverged
 
-USAGE_ERRORS = (ConfigError, DataError, CheckpointError, FileExistsError, NotADirectoryError)
+USAGE_ERRORS = (
+    ConfigError,
+    DataError,
+    CheckpointError,
+    TrainingDiverged,
+    FileExistsError,
+    NotADirectoryError,
+)
 
 
 def _split_args(items: list[str]) -> tuple[str | None, list[str]]:
@@ -139,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print(
-            "vaelab: interrupted; the last finished epoch is saved (resume with --resume RUN)",
+            "vaelab: interrupted; a run keeps its last finished epoch (continue: --resume RUN)",
             file=sys.stderr,
         )
         return 130

@@ -12,6 +12,7 @@ section is checked against.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,10 +36,12 @@ class DataConfig:
     val_fraction: float = 0.1  # share held out for validation where a source has no split
     seed: int = 0  # seeds the train/val split, independent of the training seed
     flip: bool = False  # random horizontal flips of training batches (for faces)
+    binarize: bool = False  # pixels >= 1/2 become 1, the rest 0 (for model.likelihood=bernoulli)
     cache_dir: str = ""  # preprocessing cache; "": $VAELAB_CACHE or ~/.cache/vaelab
     workers: int = 0  # processes decoding images while preparing; 0: all cores
 
     def __post_init__(self) -> None:
+        check_types(self, "data")
         require(0.0 < self.val_fraction < 1.0, "data.val_fraction", "a number in (0, 1)")
         require(self.size >= 0, "data.size", "an integer >= 0 (0: the source's own)")
         require(self.crop >= 0, "data.crop", "an integer >= 0 (0: the source's own)")
@@ -61,6 +64,7 @@ class ModelConfig:
     mc_samples: int = 1  # m: samples of z per image in the objective
 
     def __post_init__(self) -> None:
+        check_types(self, "model")
         require(self.net in ("conv", "mlp"), "model.net", "one of 'conv', 'mlp'")
         require(
             self.likelihood in ("gaussian", "bernoulli"),
@@ -73,7 +77,7 @@ class ModelConfig:
             "a non-empty list of positive integers",
         )
         require(self.latent_dim >= 1, "model.latent_dim", "an integer >= 1")
-        require(self.sigma2 > 0, "model.sigma2", "a number > 0")
+        require(0 < self.sigma2 < math.inf, "model.sigma2", "a finite number > 0")
         require(self.mc_samples >= 1, "model.mc_samples", "an integer >= 1")
 
 
@@ -89,9 +93,10 @@ class TrainConfig:
     progress: bool = True  # a tqdm bar per epoch
 
     def __post_init__(self) -> None:
+        check_types(self, "train")
         require(self.epochs >= 1, "train.epochs", "an integer >= 1")
         require(self.batch_size >= 1, "train.batch_size", "an integer >= 1")
-        require(self.lr > 0, "train.lr", "a number > 0")
+        require(0 < self.lr < math.inf, "train.lr", "a finite number > 0")
         require(
             self.lr_schedule in ("constant", "cosine"), "train.lr_schedule", "constant or cosine"
         )
@@ -135,45 +140,50 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _coerce(key: str, value: Any, tp: Any) -> Any:
-    """Check ``value`` against the annotated type ``tp``; return it in that type."""
-    bad = ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
+TRUE, FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def _from_text(key: str, text: str, tp: Any) -> Any:
+    """A command-line value (always text) in the field's type. Text fields take the text as it
+    is, so data.root=0123 stays '0123' (YAML would read it as the octal number 83)."""
+    bad = ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {text!r}")
     if typing.get_origin(tp) is tuple:
-        (item,) = typing.get_args(tp)[:1]
-        if isinstance(value, str):  # "32,64" is accepted for a list of ints on the command line
-            value = [v for v in value.split(",") if v.strip()]
-        if not isinstance(value, list | tuple):
-            raise bad
-        return tuple(_coerce(key, v, item) for v in value)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise bad
-    if tp is int:
-        if isinstance(value, str):
-            try:
-                value = int(value)
-            except ValueError:
-                raise bad from None
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise bad
-    if tp is float:
-        if isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                raise bad from None
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        raise bad
+        items = [t.strip() for t in text.strip().strip("[]()").split(",") if t.strip()]
+        return tuple(_from_text(key, t, typing.get_args(tp)[0]) for t in items)
     if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return str(value)
+        return text
+    if tp is bool:
+        if text.strip().lower() in TRUE + FALSE:
+            return text.strip().lower() in TRUE
         raise bad
-    raise ConfigError(f"config key '{key}': unsupported field type {tp}")
+    try:
+        return tp(text.strip())  # int or float
+    except ValueError:
+        raise bad from None
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check a value read from YAML against the field's type ``tp``; return it in that type."""
+    bad = ConfigError(
+        f"config key '{key}': expected {_type_name(tp)}, got {value!r} ({type(value).__name__})"
+    )
+    if typing.get_origin(tp) is tuple:
+        items = value if isinstance(value, list | tuple) else [value]
+        return tuple(_coerce(key, v, typing.get_args(tp)[0]) for v in items)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+        return value
+    raise bad
+
+
+def check_types(obj: Any, section: str) -> None:
+    """Type-check a config dataclass's fields (also when built directly in Python); ints given
+    for float fields become floats."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = _coerce(f"{section}.{f.name}", getattr(obj, f.name), hints[f.name])
+        object.__setattr__(obj, f.name, value)
 
 
 def _build_section(section: str, cls: type, values: dict[str, Any], whose: str = "") -> Any:
@@ -185,11 +195,21 @@ def _build_section(section: str, cls: type, values: dict[str, Any], whose: str =
             raise ConfigError(
                 f"unknown config key '{section}.{key}' ({whose or section} has: {', '.join(names)})"
             )
-        kwargs[key] = _coerce(f"{section}.{key}", value, hints[key])
+        if isinstance(value, Override):
+            kwargs[key] = _from_text(f"{section}.{key}", value.text, hints[key])
+        else:
+            kwargs[key] = _coerce(f"{section}.{key}", value, hints[key])
     return cls(**kwargs)
 
 
-def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+@dataclass(frozen=True)
+class Override:
+    """A value from the command line: text, converted by the type of the field it sets."""
+
+    text: str
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Override) -> None:
     section, _, key = dotted.partition(".")
     if not key or "." in key:
         raise ConfigError(f"config override '{dotted}': expected section.key, e.g. model.beta=4")
@@ -197,35 +217,34 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
         raise ConfigError(
             f"unknown config section '{section}' in '{dotted}' (known: data, model, train)"
         )
-    tree.setdefault(section, {})[key] = value
+    tree[section] = {**tree.get(section, {}), key: value}
 
 
-def parse_override(text: str) -> tuple[str, Any]:
-    """``'model.beta=4'`` -> ``('model.beta', 4)``; the value is read as YAML."""
+def parse_override(text: str) -> tuple[str, Override]:
+    """``'model.beta=4'`` -> ``('model.beta', Override('4'))``."""
     key, sep, raw = text.partition("=")
-    if not sep or not key:
+    if not sep or not key.strip():
         raise ConfigError(f"config override '{text}': expected key=value, e.g. train.epochs=3")
-    try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
-        value = raw
-    return key.strip(), value
+    return key.strip(), Override(raw)
 
 
 def from_dict(tree: dict[str, Any]) -> RunConfig:
     """Build and check a RunConfig from a nested dict (as read from YAML)."""
     if not isinstance(tree, dict):
         raise ConfigError("config: expected a mapping with sections data, model, train")
-    for section, values in tree.items():
+    for section, values in list(tree.items()):
         if section not in ("data", "model", "train"):
             raise ConfigError(f"unknown config section '{section}' (known: data, model, train)")
-        if not isinstance(values, dict):
+        if values is None:  # a section whose keys are all commented out
+            tree[section] = {}
+        elif not isinstance(values, dict):
             raise ConfigError(f"config section '{section}': expected a mapping of key: value")
     sections: dict[str, Any] = {}
     for name, cls in _SECTIONS.items():
         sections[name] = _build_section(name, cls, tree.get(name, {}))
     model_values = dict(tree.get("model", {}))
-    model_name = _coerce("model.name", model_values.get("name", ModelConfig.name), str)
+    name = model_values.get("name", ModelConfig.name)
+    model_name = name.text if isinstance(name, Override) else _coerce("model.name", name, str)
     if model_name not in MODEL_CONFIGS:
         known = ", ".join(sorted(MODEL_CONFIGS)) or "none registered (import vaelab)"
         raise ConfigError(f"config key 'model.name': unknown model '{model_name}' (known: {known})")
@@ -249,7 +268,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config file '{path}': not valid YAML ({err})") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file '{path}': expected a mapping of sections")
-        tree = {k: dict(v) if isinstance(v, dict) else v for k, v in (loaded or {}).items()}
+        tree = dict(loaded or {})
+        for section, values in tree.items():
+            if values is not None and not isinstance(values, dict):
+                raise ConfigError(f"config file '{path}': section '{section}' is not a mapping")
     for text in overrides or []:
         key, value = parse_override(text)
         _set_dotted(tree, key, value)

@@ -20,6 +20,7 @@ from vaelab.checkpoint import atomic_write, load
 from vaelab.config import load_config
 from vaelab.evaluate import diversity_ratio
 from vaelab.report import plot_curves, save_grid, save_overview, save_reconstructions
+from vaelab.rng import seeded
 from vaelab.train import read_metrics, resume, train
 
 # The shared settings, then what each experiment changes. Kept small enough for 2 CPU cores.
@@ -55,8 +56,7 @@ def write_figures(
     name = model.cfg.name
     paths = {k: figures / f"{k}.png" for k in ("curves", "reconstructions", "samples")}
     plot_curves(read_metrics(run_dir), paths["curves"], title=f"{name}: per-image terms (nats)")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         x = val.batch(np.linspace(0, len(val) - 1, 16).round().astype(np.int64))  # all classes
         if model.has_encoder:
             recon, what = model.reconstruct(x), "reconstructions"
@@ -110,8 +110,8 @@ def run_demo(
             "run": str(run_dir),
             "figures": {k: str(p) for k, p in figures.items()},
         }
-        if "model.beta=4" in extra:
-            summary[name]["beta"] = 4.0
+        if hasattr(cfg.model, "beta"):
+            summary[name]["beta"] = cfg.model.beta
     save_overview(panels, out / "overview.png", title=OVERVIEW_TITLE)
     atomic_write(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary

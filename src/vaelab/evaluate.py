@@ -7,6 +7,7 @@ from torch import Tensor
 
 from vaelab.data import ImageDataset
 from vaelab.models.base import GenerativeModel
+from vaelab.rng import seeded
 
 
 def mean_pairwise_distance(images: Tensor) -> float:
@@ -29,8 +30,7 @@ def diversity_ratio(
     Near 1: the samples are as varied as the data.
     """
     n = min(n, len(dataset))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         samples = model.sample(n).cpu()
         real = dataset.batch(torch.randperm(len(dataset))[:n])
     return mean_pairwise_distance(samples) / mean_pairwise_distance(real)

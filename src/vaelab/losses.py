@@ -32,8 +32,12 @@ def gaussian_nll(x: Tensor, mean: Tensor, sigma2: float = 0.5) -> Tensor:
     With sigma2 = 1/2 this is ||x - mean||^2 + K/2 * log(pi): the derivation's squared error plus
     a constant that matters for likelihoods but not for gradients.
     """
-    k = x[0].numel()
-    return squared_error(x, mean) / (2.0 * sigma2) + 0.5 * k * (LOG_2PI + math.log(sigma2))
+    return squared_error(x, mean) / (2.0 * sigma2) + gaussian_nll_constant(x[0].numel(), sigma2)
+
+
+def gaussian_nll_constant(num_dims: int, sigma2: float) -> float:
+    """The part of -log N(x; mean, sigma2 * I) that does not depend on x: K/2 * log(2 pi sigma2)."""
+    return 0.5 * num_dims * (LOG_2PI + math.log(sigma2))
 
 
 def bernoulli_nll(x: Tensor, logits: Tensor) -> Tensor:
@@ -77,7 +81,7 @@ def iw_bound(log_w: Tensor) -> Tensor:
     return log_mean_exp(log_w, dim=0)
 
 
-def bits_per_dim(elbo_nats: Tensor | float, num_dims: int) -> Tensor | float:
+def bits_per_dim(elbo_nats: float, num_dims: int) -> float:
     """Bits per dimension of 8-bit data from a log-likelihood (bound) of x scaled to [0, 1].
 
     A density on [0, 1]^K becomes one on [0, 256]^K by dividing by 256^K, so

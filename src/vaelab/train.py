@@ -16,6 +16,7 @@ import json
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,18 +24,21 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from vaelab import data, losses, models
+from vaelab import data, models
 from vaelab.checkpoint import (
     STATE_FILE,
     CheckpointError,
     atomic_write,
     load_train_state,
-    save_model,
+    remove_stale_temporaries,
+    save_model_config,
     save_train_state,
+    save_weights,
 )
 from vaelab.config import ConfigError, RunConfig, TrainConfig, dump_yaml, load_config, to_dict
 from vaelab.data import ImageDataset, Splits
 from vaelab.models.base import GenerativeModel
+from vaelab.rng import seeded
 
 EpochCallback = Callable[[int, list[dict[str, Any]]], None]
 VAL_SEED = 1234  # the noise used in validation: fixed, so epochs compare like for like
@@ -42,7 +46,31 @@ RESUMABLE_KEYS = ("train.epochs", "train.progress", "train.device", "train.threa
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the message says where."""
+    """The loss or the weights became NaN or infinite; the message says where."""
+
+
+@dataclass
+class _Session:
+    """What a run trains with, all made before anything is written."""
+
+    cfg: RunConfig
+    splits: Splits
+    device: torch.device
+    model: GenerativeModel
+    optimizer: torch.optim.Optimizer
+
+
+def _session(cfg: RunConfig, splits: Splits | None) -> _Session:
+    """Device, data, model and optimizer: everything that can fail on bad input."""
+    tc = cfg.train
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    device = _device(tc.device)
+    splits = splits if splits is not None else data.build(cfg.data, progress=tc.progress)
+    torch.manual_seed(tc.seed)
+    model = models.build(cfg.model, splits.train.shape).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr)
+    return _Session(cfg, splits, device, model, optimizer)
 
 
 def train(
@@ -52,15 +80,21 @@ def train(
     splits: Splits | None = None,
     on_epoch_end: EpochCallback | None = None,
 ) -> Path:
-    """Train a new run into ``out`` (which must not already hold a run); return its path."""
+    """Train a new run into ``out`` (which must not already hold a run); return its path.
+
+    Bad input (a device that is not there, data that cannot be read) fails before the run
+    directory is created.
+    """
     run = Path(out)
     if (run / "config.yaml").exists():
         raise FileExistsError(f"'{run}' already holds a run: resume it with `--resume {run}`")
     if run.exists() and not run.is_dir():
         raise NotADirectoryError(f"'{run}' exists and is not a directory")
+    session = _session(cfg, splits)
     run.mkdir(parents=True, exist_ok=True)
-    atomic_write(run / "config.yaml", dump_yaml(cfg))
-    return _fit(run, cfg, splits, on_epoch_end, resume=False)
+    save_model_config(run, session.model, {"data": to_dict(cfg.data)})
+    atomic_write(run / "config.yaml", dump_yaml(cfg))  # last: it marks the folder as a run
+    return _fit(run, session, {"epoch": 0, "step": 0, "seconds": 0.0}, [], on_epoch_end)
 
 
 def resume(
@@ -70,7 +104,12 @@ def resume(
     splits: Splits | None = None,
     on_epoch_end: EpochCallback | None = None,
 ) -> Path:
-    """Continue an interrupted run from its last checkpoint (or extend it: train.epochs=N)."""
+    """Continue an interrupted run from its last checkpoint, or extend it (train.epochs=N).
+
+    An interrupted run resumed as it was ends with exactly the weights of an uninterrupted one.
+    Extending a run with train.lr_schedule=cosine stretches the rest of its schedule to the new
+    length, so it ends elsewhere than a run planned that long from the start.
+    """
     run = Path(run_dir)
     if not (run / "config.yaml").is_file():
         raise CheckpointError(f"'{run / 'config.yaml'}' not found: is '{run}' a vaelab run?")
@@ -82,9 +121,22 @@ def resume(
                 f"{', '.join(RESUMABLE_KEYS)})"
             )
     cfg = load_config(run / "config.yaml", overrides)
+    session = _session(cfg, splits)
+    remove_stale_temporaries(run)
+    counters: dict[str, Any] = {"epoch": 0, "step": 0, "seconds": 0.0}
+    rows: list[dict[str, Any]] = []
+    if (run / STATE_FILE).is_file():
+        counters = load_train_state(run, session.model, session.optimizer)
+        # Rows logged after the checkpoint (a crash between the two writes) are dropped.
+        rows = [r for r in read_metrics(run) if r["epoch"] <= counters["epoch"]]
+    if cfg.train.epochs < counters["epoch"]:
+        raise ConfigError(
+            f"config key 'train.epochs': '{run}' has finished {counters['epoch']} epochs, "
+            f"expected at least that many, got {cfg.train.epochs}"
+        )
     if overrides:
         atomic_write(run / "config.yaml", dump_yaml(cfg))
-    return _fit(run, cfg, splits, on_epoch_end, resume=True)
+    return _fit(run, session, counters, rows, on_epoch_end)
 
 
 def _device(name: str) -> torch.device:
@@ -95,34 +147,35 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _diverged(what: str, run: Path, last_epoch: int) -> TrainingDiverged:
+    kept = (
+        f"the last good checkpoint (epoch {last_epoch}) in '{run}' is intact"
+        if last_epoch
+        else f"no epoch had finished, so '{run}' holds no checkpoint"
+    )
+    return TrainingDiverged(f"{what}; {kept} (try a smaller train.lr)")
+
+
+def _all_finite(module: torch.nn.Module) -> bool:
+    return all(
+        torch.isfinite(t).all() for t in module.state_dict().values() if t.is_floating_point()
+    )
+
+
 def _fit(
     run: Path,
-    cfg: RunConfig,
-    splits: Splits | None,
+    session: _Session,
+    counters: dict[str, Any],
+    rows: list[dict[str, Any]],
     on_epoch_end: EpochCallback | None,
-    *,
-    resume: bool,
 ) -> Path:
-    tc = cfg.train
-    if tc.threads:
-        torch.set_num_threads(tc.threads)
-    device = _device(tc.device)
-    splits = splits if splits is not None else data.build(cfg.data, progress=tc.progress)
-
-    torch.manual_seed(tc.seed)
-    model = models.build(cfg.model, splits.train.shape).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr)
-    counters = {"epoch": 0, "step": 0, "seconds": 0.0}
-    rows: list[dict[str, Any]] = []
-    if resume and (run / STATE_FILE).is_file():
-        counters = load_train_state(run, model, optimizer)
-        # Rows logged after the checkpoint (a crash between the two writes) are dropped.
-        rows = [r for r in _read_metrics(run) if r["epoch"] <= counters["epoch"]]
+    cfg, model, optimizer, device = session.cfg, session.model, session.optimizer, session.device
+    train_set, tc = session.splits.train, cfg.train
     if counters["epoch"] >= tc.epochs:
         print(f"{run}: already trained for {counters['epoch']} of {tc.epochs} epochs")
         return run
 
-    n_train = len(splits.train)
+    n_train = len(train_set)
     batch_size = min(tc.batch_size, n_train)
     # Drop the last partial batch: every step sees the same batch size (batch-norm statistics
     # from a handful of images are noise), and every image is seen within two epochs.
@@ -140,22 +193,17 @@ def _fit(
             dynamic_ncols=True,
         )
         for i in range(steps_per_epoch):
-            x = splits.train.batch(order[i * batch_size : (i + 1) * batch_size], device)
+            x = train_set.batch(order[i * batch_size : (i + 1) * batch_size], device)
             if cfg.data.flip:
                 x = data.random_hflip(x)
             out = model(x)
             loss = out.loss.mean()
-            value = loss.item()
+            value = loss.item()  # one sync per step: the NaN check and the progress bar
             if not math.isfinite(value):
                 bar.close()
-                kept = (
-                    f"the last good checkpoint (epoch {counters['epoch']}) in '{run}' is intact"
-                    if counters["epoch"]
-                    else f"no epoch had finished, so '{run}' holds no checkpoint"
-                )
-                raise TrainingDiverged(
-                    f"loss became {value} at epoch {epoch}, step {counters['step'] + 1}; {kept}"
-                    " (try a smaller train.lr)"
+                step = counters["step"] + 1
+                raise _diverged(
+                    f"loss became {value} at epoch {epoch}, step {step}", run, epoch - 1
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -168,19 +216,25 @@ def _fit(
             bar.update(1)
             bar.set_postfix(loss=f"{running:.2f}", refresh=False)
         bar.close()
+        # A finite loss can still come with non-finite gradients; such weights are never saved.
+        if not _all_finite(model):
+            raise _diverged(
+                f"the weights became non-finite in epoch {epoch} (by step {counters['step']})",
+                run,
+                epoch - 1,
+            )
         counters["seconds"] += time.perf_counter() - start
-        train_row = _row("train", epoch, counters, sums.means(), model.num_dims)
+        train_row = _row("train", epoch, counters, sums.means(), model)
         start = time.perf_counter()
-        val_means = evaluate_split(model, splits.val, batch_size, device)
+        val_means = evaluate_split(model, session.splits.val, batch_size, device)
         counters["seconds"] += time.perf_counter() - start
-        val_row = _row("val", epoch, counters, val_means, model.num_dims)
+        val_row = _row("val", epoch, counters, val_means, model)
         counters["epoch"] = epoch
         rows += [train_row, val_row]
         # Metrics first, state last: a crash in between leaves extra rows that resume drops,
         # never a checkpoint whose metrics are missing.
         atomic_write(run / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-        meta = {"data": to_dict(cfg.data), "epoch": epoch, "step": counters["step"]}
-        save_model(run, model, meta)
+        save_weights(run, model, {"epoch": epoch, "step": counters["step"]})
         save_train_state(run, model, optimizer, counters)
         if tc.progress:
             print(
@@ -211,7 +265,7 @@ TERMS = ("loss", "recon", "kl", "elbo_nats")
 
 
 class _Sums:
-    """Per-image sums of the named terms, kept on the device (no sync per step)."""
+    """Per-image sums of the named terms, kept as tensors (read once per epoch)."""
 
     def __init__(self) -> None:
         self.n = 0
@@ -231,7 +285,7 @@ class _Sums:
 
 
 def _row(
-    split: str, epoch: int, counters: dict[str, Any], means: dict[str, Any], num_dims: int
+    split: str, epoch: int, counters: dict[str, Any], means: dict[str, Any], model: GenerativeModel
 ) -> dict[str, Any]:
     """One metrics.jsonl row, keys in the documented order; bpd derived from elbo_nats."""
     elbo = means["elbo_nats"]
@@ -240,7 +294,7 @@ def _row(
         "epoch": epoch,
         "step": counters["step"],
         **{k: means[k] for k in TERMS},
-        "bpd": None if elbo is None else losses.bits_per_dim(elbo, num_dims),
+        "bpd": None if elbo is None else model.bits_per_dim(elbo),
         "seconds": round(counters["seconds"], 3),
     }
 
@@ -257,17 +311,16 @@ def evaluate_split(
     was_training = model.training
     model.eval()
     sums = _Sums()
-    devices = [torch.device(device).index or 0] if torch.device(device).type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
+    with seeded(seed):
         for i in range(0, len(dataset), batch_size):
             sums.add(model(dataset.batch(slice(i, i + batch_size), device)))
     model.train(was_training)
     return sums.means()
 
 
-def _read_metrics(run: Path) -> list[dict[str, Any]]:
-    path = run / "metrics.jsonl"
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The rows of a run's metrics.jsonl (empty if it has none yet)."""
+    path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return []
     rows = []
@@ -278,8 +331,3 @@ def _read_metrics(run: Path) -> list[dict[str, Any]]:
             except json.JSONDecodeError:
                 raise CheckpointError(f"'{path}' line {n}: not valid JSON") from None
     return rows
-
-
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The rows of a run's metrics.jsonl (empty if it has none yet)."""
-    return _read_metrics(Path(run_dir))

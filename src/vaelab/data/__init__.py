@@ -29,7 +29,11 @@ def build(cfg: DataConfig, progress: bool = True) -> Splits:
         raise DataError(
             f"config key 'data.name': unknown data source '{cfg.name}' (known: {known})"
         )
-    return SOURCES[cfg.name](cfg, progress)
+    splits = SOURCES[cfg.name](cfg, progress)
+    for part in (splits.train, splits.val, splits.test):
+        if part is not None:
+            part.binarize = cfg.binarize
+    return splits
 
 
 __all__ = [

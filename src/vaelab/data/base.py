@@ -35,6 +35,7 @@ class ImageDataset:
         labels: np.ndarray | None = None,
         rows: np.ndarray | None = None,
         attributes: dict[str, np.ndarray] | None = None,
+        binarize: bool = False,
     ) -> None:
         if images.dtype != np.uint8 or images.ndim != 4:
             raise DataError(
@@ -46,6 +47,7 @@ class ImageDataset:
         self._labels = labels
         self.rows = np.arange(len(images)) if rows is None else np.asarray(rows, dtype=np.int64)
         self._attributes = attributes or {}
+        self.binarize = binarize  # batches thresholded at 1/2, for a Bernoulli likelihood
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -78,11 +80,15 @@ class ImageDataset:
         if isinstance(index, Tensor):
             index = index.cpu().numpy()
         raw = torch.from_numpy(np.ascontiguousarray(self.uint8(index))).to(device)
+        if self.binarize:
+            return (raw.permute(0, 3, 1, 2) >= 128).float()
         return raw.permute(0, 3, 1, 2).float().div_(255.0)
 
     def subset(self, index: np.ndarray) -> ImageDataset:
         """A view of positions ``index`` of this dataset (no copy of the images)."""
-        return ImageDataset(self.images, self._labels, self.rows[index], self._attributes)
+        return ImageDataset(
+            self.images, self._labels, self.rows[index], self._attributes, self.binarize
+        )
 
 
 @dataclass(frozen=True)

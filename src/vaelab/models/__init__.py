@@ -22,7 +22,6 @@ def register(name: str, config_class: type[ModelConfig]) -> Callable[[M], M]:
     def wrap(cls: M) -> M:
         if name in MODELS:
             raise ValueError(f"model '{name}' is registered twice")
-        cls.config_class = config_class
         MODELS[name] = cls
         MODEL_CONFIGS[name] = config_class
         return cls

@@ -27,14 +27,12 @@ class ModelOutput:
     kl:    KL(q(z|x) || p(z)) in nats, or None for a model without an encoder.
     elbo:  a lower bound on log p(x) in nats with every constant included (for decoder_only,
            the Monte-Carlo estimate log 1/m sum_i p(x|z_i), a bound in expectation).
-    x_mean: the decoder's mean for the first sample of z, (B, C, H, W), in [0, 1].
     """
 
     loss: Tensor
     recon: Tensor
     kl: Tensor | None
     elbo: Tensor
-    x_mean: Tensor
 
 
 class DiagonalGaussian:
@@ -68,7 +66,6 @@ class DiagonalGaussian:
 class GenerativeModel(nn.Module):
     """A decoder p(x|z) under the prior p(z) = N(0, I). Subclasses add the objective."""
 
-    config_class: type[ModelConfig] = ModelConfig
     has_encoder: bool = False
 
     def __init__(self, cfg: ModelConfig, shape: tuple[int, int, int]) -> None:
@@ -95,12 +92,22 @@ class GenerativeModel(nn.Module):
         flat_logits = logits.flatten(0, 1)
         flat_x = x.unsqueeze(0).expand_as(logits).flatten(0, 1)
         if self.cfg.likelihood == "bernoulli":
-            nll = losses.bernoulli_nll(flat_x, flat_logits)
-            return nll.view(m, -1), nll.view(m, -1)
+            nll = losses.bernoulli_nll(flat_x, flat_logits).view(m, -1)
+            return nll, nll
         sigma2 = self.cfg.sigma2
-        recon = losses.squared_error(flat_x, self.mean(flat_logits)) / (2.0 * sigma2)
-        nll = losses.gaussian_nll(flat_x, self.mean(flat_logits), sigma2)
-        return recon.view(m, -1), nll.view(m, -1)
+        recon = losses.squared_error(flat_x, self.mean(flat_logits)).view(m, -1) / (2.0 * sigma2)
+        return recon, recon + losses.gaussian_nll_constant(self.num_dims, sigma2)
+
+    def bits_per_dim(self, elbo_nats: float) -> float:
+        """Bits per dimension from a per-image log-likelihood (bound) in nats.
+
+        Gaussian: a density on [0, 1]^K, so 8-bit data adds ln 256 per dimension (DESIGN.md).
+        Bernoulli: a probability of binary pixels, so bits per binary pixel; only a likelihood
+        when the data are binary (data.binarize=true).
+        """
+        if self.cfg.likelihood == "bernoulli":
+            return -elbo_nats / (self.num_dims * math.log(2.0))
+        return losses.bits_per_dim(elbo_nats, self.num_dims)
 
     # -- generation ---------------------------------------------------------------------
     def decode_logits(self, z: Tensor) -> Tensor:

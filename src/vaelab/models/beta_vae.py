@@ -7,6 +7,7 @@ distortion). The reported ELBO is always the unweighted one (beta = 1), so runs 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from vaelab.config import ModelConfig, require
@@ -21,7 +22,7 @@ class BetaVAEConfig(ModelConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        require(self.beta >= 0, "model.beta", "a number >= 0")
+        require(0 <= self.beta < math.inf, "model.beta", "a finite number >= 0")
 
 
 @register("beta_vae", BetaVAEConfig)

@@ -45,5 +45,4 @@ class VAE(GenerativeModel):
             recon=recon,
             kl=kl,
             elbo=-(nll + kl),
-            x_mean=self.mean(logits[0]),
         )
