@@ -295,3 +295,22 @@ def test_shutil_leaves_no_cache_in_home(tmp_path, monkeypatch):
     monkeypatch.setenv("VAELAB_CACHE", str(tmp_path / "env-cache"))
     assert cache.default_cache_dir() == tmp_path / "env-cache"
     shutil.rmtree(tmp_path / "env-cache", ignore_errors=True)
+
+
+def test_unreadable_file_is_skipped(tmp_path, monkeypatch):
+    root = tmp_path / "pics"
+    write_images(root, ["a.png", "b.png", "c.png"], size=(8, 8))
+    import vaelab.data.images as images
+
+    real_open = images.Image.open
+
+    def open_or_deny(path, *args, **kwargs):
+        if str(path).endswith("b.png"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(images.Image, "open", open_or_deny)
+    splits = data.build(config(root, "data.size=8", name="folder"), progress=False)
+    assert [s["file"] for s in splits.info["skipped"]] == ["b.png"]
+    assert "Permission denied" in splits.info["skipped"][0]["reason"]
+    assert splits.info["count"] == 2

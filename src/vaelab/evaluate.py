@@ -1,13 +1,41 @@
-"""Metrics of a trained model on a split. (The full evaluation command builds on this room.)"""
+"""Metrics of a trained model on a split: every number the derivation talks about.
+
+``evaluate(run)`` writes ``RUN/eval/<split>.json``. All values are per image unless said:
+
+- ``elbo_nats``, ``bpd``, ``recon``, ``kl``: the training terms, in eval mode;
+- ``iw_nll_nats``: -log p(x) estimated by importance sampling with K samples from q(z|x)
+  (Burda et al. 2016): log p(x) ~= logmeanexp_k [log p(x|z_k) + log p(z_k) - log q(z_k|x)].
+  For a model without an encoder the proposal is the prior (K samples of z ~ p(z));
+- ``elbo_gap_nats``: (IS log-likelihood) - ELBO, the posterior-approximation error
+  KL(q(z|x) || p(z|x)) up to the estimator's own (downward) bias;
+- ``kl_per_dim`` and ``active_units`` (Burda et al. 2016: Cov_x(E_q[z_j]) > 0.01);
+- ``mse_per_pixel`` and ``psnr`` (dB, data range 1) of the reconstruction at the posterior mean;
+- ``diversity_ratio``: mean pairwise L2 of 64 prior samples over that of 64 real images.
+"""
 
 from __future__ import annotations
 
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
+from vaelab import data
+from vaelab.checkpoint import atomic_write, load
+from vaelab.config import load_config
 from vaelab.data import ImageDataset
 from vaelab.models.base import GenerativeModel
 from vaelab.rng import seeded
+
+EVAL_SEED = 0
+ACTIVE_THRESHOLD = 0.01
+# Decoder outputs held at once by the importance sampler: chunks of K keep memory bounded.
+MAX_ELEMENTS = 2**24
 
 
 def mean_pairwise_distance(images: Tensor) -> float:
@@ -30,7 +58,126 @@ def diversity_ratio(
     Near 1: the samples are as varied as the data.
     """
     n = min(n, len(dataset))
+    device = next(model.parameters()).device
     with seeded(seed):
         samples = model.sample(n).cpu()
-        real = dataset.batch(torch.randperm(len(dataset))[:n])
+        real = dataset.batch(torch.randperm(len(dataset))[:n].numpy(), device).cpu()
     return mean_pairwise_distance(samples) / mean_pairwise_distance(real)
+
+
+@torch.no_grad()
+def importance_log_likelihood(model: GenerativeModel, x: Tensor, k: int) -> Tensor:
+    """log p(x) estimated with k importance samples, (B,), in chunks of bounded memory."""
+    chunk = max(1, min(k, MAX_ELEMENTS // (x.shape[0] * model.num_dims)))
+    parts = []
+    for start in range(0, k, chunk):
+        parts.append(torch.logsumexp(model.log_weights(x, min(chunk, k - start)), dim=0))
+    return torch.logsumexp(torch.stack(parts), dim=0) - math.log(k)
+
+
+@torch.no_grad()
+def evaluate_model(
+    model: GenerativeModel,
+    dataset: ImageDataset,
+    iw_samples: int = 1000,
+    batch_size: int = 100,
+    seed: int = EVAL_SEED,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """The metrics of ``model`` on ``dataset`` (see the module docstring)."""
+    if iw_samples < 1:
+        raise ValueError(f"iw_samples: expected an integer >= 1, got {iw_samples}")
+    start = time.perf_counter()
+    model.eval()
+    device = next(model.parameters()).device
+    totals: dict[str, float] = {}
+    kl_dims, means = [], []
+
+    def add(name: str, t: Tensor) -> None:
+        totals[name] = totals.get(name, 0.0) + t.double().sum().item()
+
+    n = len(dataset)
+    bar = tqdm(total=n, unit="img", desc="evaluating", disable=not progress, leave=False)
+    with seeded(seed):
+        for i in range(0, n, batch_size):
+            x = dataset.batch(slice(i, i + batch_size), device)
+            out = model(x)
+            add("elbo_nats", out.elbo)
+            add("recon", out.recon)
+            add("log_px", importance_log_likelihood(model, x, iw_samples))
+            if model.has_encoder:
+                q = model.encode(x)
+                kl_dims.append(q.kl_per_dim().double().sum(0).cpu())
+                means.append(q.mu.double().cpu())
+                mse = (model.decode(q.mu) - x).square().flatten(1).mean(1)
+                add("mse", mse)
+                add("psnr", -10.0 * torch.log10(mse.clamp_min(1e-10)))
+                add("kl", out.kl)
+            bar.update(len(x))
+    bar.close()
+    elbo, log_px = totals["elbo_nats"] / n, totals["log_px"] / n
+    result: dict[str, Any] = {
+        "elbo_nats": elbo,
+        "bpd": model.bits_per_dim(elbo),
+        "recon": totals["recon"] / n,
+        "kl": None,
+        "iw_nll_nats": -log_px,
+        "iw_bpd": model.bits_per_dim(log_px),
+        "iw_samples": iw_samples,
+        "elbo_gap_nats": None,
+        "kl_per_dim": None,
+        "active_units": None,
+        "diversity_ratio": diversity_ratio(model, dataset, seed=seed),
+        "mse_per_pixel": None,
+        "psnr": None,
+        "num_images": n,
+    }
+    if model.has_encoder:
+        mu = torch.cat(means)
+        result.update(
+            kl=totals["kl"] / n,
+            elbo_gap_nats=log_px - elbo,
+            kl_per_dim=(torch.stack(kl_dims).sum(0) / n).tolist(),
+            active_units=int((mu.var(0, unbiased=False) > ACTIVE_THRESHOLD).sum()),
+            mse_per_pixel=totals["mse"] / n,
+            psnr=totals["psnr"] / n,
+        )
+    result["seconds"] = round(time.perf_counter() - start, 3)
+    return result
+
+
+def evaluate(
+    run_dir: str | Path,
+    split: str = "val",
+    iw_samples: int = 1000,
+    progress: bool = True,
+    splits: data.Splits | None = None,
+) -> dict[str, Any]:
+    """Evaluate a run's model on its data's ``split`` (val or test); write RUN/eval/<split>.json."""
+    run_dir = Path(run_dir)
+    model = load(run_dir)
+    if splits is None:
+        cfg = load_config(run_dir / "config.yaml")
+        splits = data.build(cfg.data, progress=progress)
+    dataset = {"val": splits.val, "test": splits.test}.get(split)
+    if split not in ("val", "test"):
+        raise data.DataError(f"split '{split}': expected val or test")
+    if dataset is None:
+        raise data.DataError(f"split '{split}': this data source has no {split} split")
+    result = {"split": split, **evaluate_model(model, dataset, iw_samples, progress=progress)}
+    atomic_write(run_dir / "eval" / f"{split}.json", json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """One metric a line, lists summarised."""
+    lines = []
+    for key, value in result.items():
+        if isinstance(value, list):
+            shown = f"[{len(value)} values, max {max(value):.3f}]" if value else "[]"
+        elif isinstance(value, float):
+            shown = f"{value:.4f}"
+        else:
+            shown = "-" if value is None else str(value)
+        lines.append(f"{key:<16}{shown:>24}")
+    return "\n".join(lines)

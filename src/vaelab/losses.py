@@ -54,7 +54,12 @@ def gaussian_kl(mu: Tensor, logvar: Tensor) -> Tensor:
     Closed form (Kingma & Welling 2014, appendix B):
     1/2 * sum_j (mu_j^2 + sigma_j^2 - log sigma_j^2 - 1).
     """
-    return 0.5 * (mu.square() + logvar.exp() - logvar - 1.0).sum(-1)
+    return gaussian_kl_per_dim(mu, logvar).sum(-1)
+
+
+def gaussian_kl_per_dim(mu: Tensor, logvar: Tensor) -> Tensor:
+    """The KL of each latent dimension, (B, d) -> (B, d); ``gaussian_kl`` is its sum."""
+    return 0.5 * (mu.square() + logvar.exp() - logvar - 1.0)
 
 
 def gaussian_log_prob(z: Tensor, mu: Tensor, logvar: Tensor) -> Tensor:

@@ -58,6 +58,10 @@ class DiagonalGaussian:
         """KL(q || N(0, I)) per image, (B,)."""
         return losses.gaussian_kl(self.mu, self.logvar)
 
+    def kl_per_dim(self) -> Tensor:
+        """KL(q_j || N(0, 1)) per image and latent dimension, (B, d)."""
+        return losses.gaussian_kl_per_dim(self.mu, self.logvar)
+
     def log_prob(self, z: Tensor) -> Tensor:
         """log q(z|x) for z of shape (..., B, d) -> (..., B)."""
         return losses.gaussian_log_prob(z, self.mu, self.logvar)
@@ -128,6 +132,13 @@ class GenerativeModel(nn.Module):
 
     def encode(self, x: Tensor) -> DiagonalGaussian:
         raise NotImplementedError(f"model '{self.cfg.name}' has no encoder")
+
+    def log_weights(self, x: Tensor, k: int) -> Tensor:
+        """Importance log-weights log p(x|z_k) + log p(z_k) - log r(z_k|x) for k samples from a
+        proposal r, (k, B); log p(x) ~= logmeanexp over k. Without an encoder the proposal is
+        the prior, so the weights are log p(x|z_k), z_k ~ p(z)."""
+        z = torch.randn(k, x.shape[0], self.cfg.latent_dim, device=x.device, dtype=x.dtype)
+        return -self.recon_terms(x, self.decode_logits(z))[1]
 
     @torch.no_grad()
     def reconstruct(self, x: Tensor) -> Tensor:

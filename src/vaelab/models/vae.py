@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from vaelab import losses
 from vaelab.config import ModelConfig
 from vaelab.models import register
 from vaelab.models.base import DiagonalGaussian, GenerativeModel, ModelOutput
@@ -28,6 +29,13 @@ class VAE(GenerativeModel):
     def encode(self, x: Tensor) -> DiagonalGaussian:
         mu, logvar = self.encoder(x).chunk(2, dim=-1)  # (B, d) each
         return DiagonalGaussian(mu, logvar)
+
+    def log_weights(self, x: Tensor, k: int) -> Tensor:
+        """log p(x|z_k) + log p(z_k) - log q(z_k|x), z_k ~ q(z|x): (k, B) (Burda et al. 2016)."""
+        q = self.encode(x)
+        z = q.rsample(k)  # (k, B, d)
+        nll = self.recon_terms(x, self.decode_logits(z))[1]
+        return -nll + losses.standard_normal_log_prob(z) - q.log_prob(z)
 
     def kl_weight(self) -> float:
         """The weight on KL in the training loss; 1 gives the ELBO. Variants override this."""
