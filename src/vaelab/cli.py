@@ -84,6 +84,54 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from vaelab.evaluate import evaluate, format_table
+
+    result = evaluate(args.run, args.split, args.iw_samples, progress=not args.quiet)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(format_table(result))
+        print(f"written to {Path(args.run) / 'eval' / (args.split + '.json')}")
+    return 0
+
+
+def cmd_draw(args: argparse.Namespace) -> int:
+    from vaelab.report import draw
+
+    if args.command == "sample":
+        out = draw.draw_samples(args.run, args.out, args.n, args.temperature, args.seed)
+    elif args.command == "reconstruct":
+        out = draw.draw_reconstructions(args.run, args.out, args.n, args.split)
+    elif args.command == "interpolate":
+        out = draw.draw_interpolations(args.run, args.out, args.pairs, args.steps)
+    else:
+        out = draw.draw_traversal(args.run, args.out, args.dims, args.steps, args.limit)
+    print(f"written {out}")
+    return 0
+
+
+def cmd_encode(args: argparse.Namespace) -> int:
+    from vaelab.evaluate import encode
+    from vaelab.report.draw import run_split
+
+    _, overrides = _split_args(args.items)
+    out = encode(args.run, args.out, run_split(args.run, args.split, overrides))
+    print(f"written {out}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from vaelab.evaluate import evaluate
+    from vaelab.report.html import write_report
+
+    for run in args.runs:
+        if not (Path(run) / "eval" / "val.json").is_file():
+            evaluate(run, "val", args.iw_samples, progress=not args.quiet)
+    print(f"written {write_report(args.runs, args.out, args.title)}")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     from vaelab.config import dump_yaml
 
@@ -120,6 +168,59 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("items", nargs="*", metavar="[CONFIG] [key=value]")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("evaluate", help="ELBO, IS log-likelihood, gap, active units, ... of a run")
+    p.add_argument("run")
+    p.add_argument("--split", default="val", choices=["val", "test"])
+    p.add_argument("--iw-samples", type=int, default=1000, help="importance samples K")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("sample", help="a grid of samples from the prior")
+    p.add_argument("run")
+    p.add_argument("-n", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=1.0, help="z ~ N(0, T^2 I)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="PNG file")
+    p.set_defaults(func=cmd_draw)
+
+    p = sub.add_parser("reconstruct", help="real images above their reconstructions")
+    p.add_argument("run")
+    p.add_argument("-n", type=int, default=32)
+    p.add_argument("--split", default="val", choices=["train", "val", "test"])
+    p.add_argument("--out", required=True, help="PNG file")
+    p.set_defaults(func=cmd_draw)
+
+    p = sub.add_parser("interpolate", help="latent interpolations between pairs of val images")
+    p.add_argument("run")
+    p.add_argument("--pairs", type=int, default=6)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--out", required=True, help="PNG file")
+    p.set_defaults(func=cmd_draw)
+
+    p = sub.add_parser("traverse", help="one row per most-active latent dimension, -3..3")
+    p.add_argument("run")
+    p.add_argument("--dims", type=int, default=8)
+    p.add_argument("--steps", type=int, default=9)
+    p.add_argument("--limit", type=float, default=3.0)
+    p.add_argument("--out", required=True, help="PNG file")
+    p.set_defaults(func=cmd_draw)
+
+    p = sub.add_parser("encode", help="posterior means of a split, as .npy")
+    p.add_argument("run")
+    p.add_argument("items", nargs="*", metavar="[data.key=value]")
+    p.add_argument("--split", default="val", choices=["train", "val", "test"])
+    p.add_argument("--out", required=True, help=".npy file")
+    p.set_defaults(func=cmd_encode)
+
+    p = sub.add_parser("report", help="one self-contained HTML page comparing runs")
+    p.add_argument("runs", nargs="+", metavar="RUN")
+    p.add_argument("--out", required=True, help="HTML file")
+    p.add_argument("--title", default="vaelab report")
+    p.add_argument("--iw-samples", type=int, default=100, help="K for runs not yet evaluated")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("config", help="print the resolved config (defaults, file, overrides)")
     p.add_argument("items", nargs="*", metavar="[CONFIG] [key=value]")

@@ -12,16 +12,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from vaelab import data
-from vaelab.checkpoint import atomic_write, load
+from vaelab.checkpoint import atomic_write, load, read_metrics
 from vaelab.config import load_config
-from vaelab.evaluate import diversity_ratio
-from vaelab.report import plot_curves, save_grid, save_overview, save_reconstructions
-from vaelab.rng import seeded
-from vaelab.train import read_metrics, resume, train
+from vaelab.evaluate import evaluate
+from vaelab.report import pictures, plot_curves, save_grid, save_overview
+from vaelab.report.html import write_report
+from vaelab.train import resume, train
 
 # The shared settings, then what each experiment changes. Kept small enough for 2 CPU cores.
 COMMON = [
@@ -37,6 +36,8 @@ EXPERIMENTS: dict[str, list[str]] = {
     "beta_vae": ["model.name=beta_vae", "model.beta=4"],
 }
 DEMO_EPOCHS = 15
+DEMO_IW_SAMPLES = 50  # importance samples per val image; `vaelab evaluate` defaults to 1000
+REPORT_TITLE = "vaelab demo: decoder-only, VAE and beta-VAE (beta = 4) on 5,000 MNIST digits"
 OVERVIEW_TITLE = (
     "decoder-only collapses to the average digit; the VAE learns; "
     "beta = 4 trades detail for a smaller KL"
@@ -44,45 +45,38 @@ OVERVIEW_TITLE = (
 
 
 def write_figures(
-    run_dir: str | Path, val: data.ImageDataset, seed: int = 0
-) -> tuple[dict[str, Path], list[tuple[str, torch.Tensor]]]:
+    run_dir: str | Path, val: data.ImageDataset
+) -> tuple[dict[str, Path], list[tuple[str, torch.Tensor, int]]]:
     """Loss curves, a reconstruction grid and 64 prior samples into RUN/figures/.
 
     Returns the paths and, for the side-by-side overview, the images drawn.
     """
     run_dir = Path(run_dir)
-    figures = run_dir / "figures"
     model = load(run_dir)
     name = model.cfg.name
-    paths = {k: figures / f"{k}.png" for k in ("curves", "reconstructions", "samples")}
+    paths = {k: run_dir / "figures" / f"{k}.png" for k in ("curves", "reconstructions", "samples")}
     plot_curves(read_metrics(run_dir), paths["curves"], title=f"{name}: per-image terms (nats)")
-    with seeded(seed):
-        x = val.batch(np.linspace(0, len(val) - 1, 16).round().astype(np.int64))  # all classes
-        if model.has_encoder:
-            recon, what = model.reconstruct(x), "reconstructions"
-        else:
-            recon, what = model.sample(len(x)), "f(z), z ~ p(z) (no encoder)"
-        samples = model.sample(64)
-    save_reconstructions(
-        x, recon, paths["reconstructions"], title=f"{name}: val images above {what}"
-    )
-    save_grid(samples, paths["samples"], title=f"{name}: 64 samples from the prior")
-    # Rows of 8 real images, each above its 8 reconstructions.
-    pairs = torch.cat([torch.cat([x[i : i + 8], recon[i : i + 8]]) for i in range(0, 16, 8)])
-    return paths, [("64 samples from the prior", samples), (f"val images above {what}", pairs)]
+    pairs, caption = pictures.reconstructions(model, val)
+    save_grid(pairs, paths["reconstructions"], title=f"{name}: {caption}", group=2)
+    drawn = pictures.samples(model)
+    save_grid(drawn, paths["samples"], title=f"{name}: 64 samples from the prior")
+    return paths, [("64 samples from the prior", drawn, 0), (caption, pairs, 2)]
 
 
 def run_demo(
-    out: str | Path = "runs/demo", epochs: int = DEMO_EPOCHS, progress: bool = True
+    out: str | Path = "runs/demo",
+    epochs: int = DEMO_EPOCHS,
+    progress: bool = True,
+    iw_samples: int = DEMO_IW_SAMPLES,
 ) -> dict[str, Any]:
-    """Train the three experiments into OUT/<model>; write figures, OUT/overview.png and
-    OUT/summary.json.
+    """Train the three experiments into OUT/<model>, evaluate each on val, and write figures,
+    OUT/overview.png, OUT/report.html and OUT/summary.json.
 
     Re-running skips finished runs and resumes interrupted ones.
     """
     out = Path(out)
     summary: dict[str, Any] = {}
-    panels: dict[str, list[tuple[str, torch.Tensor]]] = {}
+    panels: dict[str, list[tuple[str, torch.Tensor, int]]] = {}
     splits = None
     for name, extra in EXPERIMENTS.items():
         start = time.perf_counter()
@@ -94,16 +88,20 @@ def run_demo(
             resume(run_dir, [f"train.epochs={epochs}"], splits=splits)
         else:
             train(cfg, run_dir, splits=splits)
-        figures, images = write_figures(run_dir, splits.val)
-        panels[name] = images
+        figures, panels[name] = write_figures(run_dir, splits.val)
+        ev = evaluate(run_dir, "val", iw_samples, progress=progress, splits=splits)
         val = [r for r in read_metrics(run_dir) if r["split"] == "val"][-1]
         summary[name] = {
-            "diversity_ratio": diversity_ratio(load(run_dir), splits.val),
+            "diversity_ratio": ev["diversity_ratio"],
             "val_loss": val["loss"],
             "val_recon": val["recon"],
             "val_kl": val["kl"],
             "val_elbo_nats": val["elbo_nats"],
             "val_bpd": val["bpd"],
+            "iw_nll_nats": ev["iw_nll_nats"],
+            "elbo_gap_nats": ev["elbo_gap_nats"],
+            "active_units": ev["active_units"],
+            "iw_samples": iw_samples,
             "epochs": val["epoch"],
             "train_seconds": val["seconds"],
             "seconds": round(time.perf_counter() - start, 2),
@@ -113,6 +111,7 @@ def run_demo(
         if hasattr(cfg.model, "beta"):
             summary[name]["beta"] = cfg.model.beta
     save_overview(panels, out / "overview.png", title=OVERVIEW_TITLE)
+    write_report([out / name for name in EXPERIMENTS], out / "report.html", title=REPORT_TITLE)
     atomic_write(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 

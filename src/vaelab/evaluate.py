@@ -15,12 +15,14 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -35,7 +37,7 @@ from vaelab.rng import seeded
 EVAL_SEED = 0
 ACTIVE_THRESHOLD = 0.01
 # Decoder outputs held at once by the importance sampler: chunks of K keep memory bounded.
-MAX_ELEMENTS = 2**24
+MAX_ELEMENTS = 2**20
 
 
 def mean_pairwise_distance(images: Tensor) -> float:
@@ -167,6 +169,30 @@ def evaluate(
     result = {"split": split, **evaluate_model(model, dataset, iw_samples, progress=progress)}
     atomic_write(run_dir / "eval" / f"{split}.json", json.dumps(result, indent=2) + "\n")
     return result
+
+
+@torch.no_grad()
+def posterior_means(
+    model: GenerativeModel, dataset: ImageDataset, batch_size: int = 256
+) -> np.ndarray:
+    """E_q[z|x] for every image of ``dataset``, (N, d) float32."""
+    if not model.has_encoder:
+        raise ValueError(f"model '{model.cfg.name}' has no encoder: there is nothing to encode")
+    model.eval()
+    device = next(model.parameters()).device
+    out = [
+        model.encode(dataset.batch(slice(i, i + batch_size), device)).mode().cpu()
+        for i in range(0, len(dataset), batch_size)
+    ]
+    return torch.cat(out).numpy().astype(np.float32)
+
+
+def encode(run_dir: str | Path, out: str | Path, dataset: ImageDataset) -> Path:
+    """Write the posterior means of ``dataset`` under a run's model to ``out`` (.npy)."""
+    buf = io.BytesIO()
+    np.save(buf, posterior_means(load(run_dir), dataset))
+    atomic_write(out, buf.getvalue())
+    return Path(out)
 
 
 def format_table(result: dict[str, Any]) -> str:

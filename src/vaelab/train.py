@@ -30,6 +30,7 @@ from vaelab.checkpoint import (
     CheckpointError,
     atomic_write,
     load_train_state,
+    read_metrics,
     remove_stale_temporaries,
     save_model_config,
     save_train_state,
@@ -316,18 +317,3 @@ def evaluate_split(
             sums.add(model(dataset.batch(slice(i, i + batch_size), device)))
     model.train(was_training)
     return sums.means()
-
-
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The rows of a run's metrics.jsonl (empty if it has none yet)."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise CheckpointError(f"'{path}' line {n}: not valid JSON") from None
-    return rows

@@ -1,11 +1,12 @@
-"""Figures of runs: loss curves, image grids. (The HTML report builds on this room.)"""
+"""Figures of runs (curves, image grids), what a model draws, and the HTML report."""
 
 from vaelab.report.figures import (
+    curves_png,
+    grid_png,
     image_grid,
     plot_curves,
     save_grid,
     save_overview,
-    save_reconstructions,
 )
 
-__all__ = ["image_grid", "plot_curves", "save_grid", "save_overview", "save_reconstructions"]
+__all__ = ["curves_png", "grid_png", "image_grid", "plot_curves", "save_grid", "save_overview"]

@@ -21,13 +21,18 @@ PANELS = (
 )
 
 
-def _save(fig: Figure, path: str | Path) -> None:
+def _png(fig: Figure) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    atomic_write(path, buf.getvalue())
+    return buf.getvalue()
 
 
 def plot_curves(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> None:
+    """``curves_png`` written to ``path``."""
+    atomic_write(path, curves_png(rows, title))
+
+
+def curves_png(rows: Sequence[dict[str, Any]], title: str = "") -> bytes:
     """Train and val curves per epoch; reconstruction, KL and loss in separate panels.
 
     All values are per-image sums (nats), as logged in metrics.jsonl.
@@ -55,23 +60,40 @@ def plot_curves(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    _save(fig, path)
+    return _png(fig)
 
 
-def image_grid(images: Tensor, nrow: int, pad: int = 2) -> np.ndarray:
-    """(N, C, H, W) floats in [0, 1] -> one (H', W', C) uint8 array, ``nrow`` images per row."""
+def image_grid(images: Tensor, nrow: int, pad: int = 2, group: int = 0) -> np.ndarray:
+    """(N, C, H, W) floats in [0, 1] -> one (H', W', C) uint8 array, ``nrow`` images per row;
+    ``group`` > 0 leaves a wider gap after every ``group`` rows (pairs of images above
+    reconstructions)."""
     imgs = (images.detach().cpu().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
     n, h, w, c = imgs.shape
     rows = math.ceil(n / nrow)
-    grid = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), 255, np.uint8)
+    gap = 3 * pad
+    extra = gap * ((rows - 1) // group) if group else 0
+    grid = np.full((rows * (h + pad) + pad + extra, nrow * (w + pad) + pad, c), 255, np.uint8)
     for i, img in enumerate(imgs):
         r, col = divmod(i, nrow)
-        y, x = pad + r * (h + pad), pad + col * (w + pad)
+        y = pad + r * (h + pad) + (gap * (r // group) if group else 0)
+        x = pad + col * (w + pad)
         grid[y : y + h, x : x + w] = img
     return grid
 
 
-def _show(grid: np.ndarray, path: str | Path, title: str) -> None:
+def grid_png(images: Tensor, nrow: int = 8, title: str = "", group: int = 0) -> bytes:
+    """An image grid with a title, as PNG bytes."""
+    return _grid_figure(image_grid(images, nrow, group=group), title)
+
+
+def save_grid(
+    images: Tensor, path: str | Path, nrow: int = 8, title: str = "", group: int = 0
+) -> None:
+    """``grid_png`` written to ``path``."""
+    atomic_write(path, grid_png(images, nrow, title, group))
+
+
+def _grid_figure(grid: np.ndarray, title: str) -> bytes:
     h, w, c = grid.shape
     fig = Figure(figsize=(w / 40 + 0.4, h / 40 + 0.6))
     ax = fig.add_subplot()
@@ -83,34 +105,16 @@ def _show(grid: np.ndarray, path: str | Path, title: str) -> None:
         interpolation="nearest",
     )
     ax.set_axis_off()
-    ax.set_title(title, fontsize=9)
-    _save(fig, path)
-
-
-def save_grid(images: Tensor, path: str | Path, nrow: int = 8, title: str = "") -> None:
-    """An image grid as PNG, with a title."""
-    _show(image_grid(images, nrow), path, title)
-
-
-def save_reconstructions(
-    originals: Tensor, recons: Tensor, path: str | Path, nrow: int = 8, title: str = ""
-) -> None:
-    """Rows of real images, each directly above the row of their reconstructions."""
-    pairs = []
-    for start in range(0, len(originals), nrow):
-        pairs += [originals[start : start + nrow], recons[start : start + nrow]]
-    rows = [image_grid(p, nrow) for p in pairs]
-    gap = np.full((6, rows[0].shape[1], rows[0].shape[2]), 255, np.uint8)
-    stacked = []
-    for i in range(0, len(rows), 2):
-        stacked += [rows[i][:-2], rows[i + 1], gap]
-    _show(np.concatenate(stacked[:-1]), path, title)
+    if title:
+        ax.set_title(title, fontsize=9)
+    return _png(fig)
 
 
 def save_overview(
-    columns: dict[str, list[tuple[str, Tensor]]], path: str | Path, title: str = ""
+    columns: dict[str, list[tuple[str, Tensor, int]]], path: str | Path, title: str = ""
 ) -> None:
-    """Models side by side: one column per model, each a list of (caption, images (N, C, H, W))."""
+    """Models side by side: one column per model, each a list of (caption, images (N, C, H, W),
+    row group as in ``image_grid``)."""
     names = list(columns)
     n_rows = max(len(c) for c in columns.values())
     fig = Figure(figsize=(3.6 * len(names), 3.7 * n_rows))
@@ -121,8 +125,8 @@ def save_overview(
             ax.set_axis_off()
             if row >= len(columns[name]):
                 continue
-            caption, images = columns[name][row]
-            grid = image_grid(images, nrow=8)
+            caption, images, group = columns[name][row]
+            grid = image_grid(images, nrow=8, group=group)
             ax.imshow(
                 grid[..., 0] if grid.shape[2] == 1 else grid,
                 cmap="gray",
@@ -134,4 +138,4 @@ def save_overview(
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    _save(fig, path)
+    atomic_write(path, _png(fig))

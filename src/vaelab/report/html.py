@@ -1,0 +1,174 @@
+"""The HTML report: runs side by side on one self-contained page.
+
+Every image is embedded as a PNG data URI and the style sheet is inline, so the file opens from
+disk with no network and can be mailed or archived as one file. The report reads run
+directories only (config.yaml, metrics.jsonl, eval/val.json, the model): it never trains or
+evaluates.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vaelab import data
+from vaelab.checkpoint import atomic_write, load, read_metrics
+from vaelab.config import load_config
+from vaelab.report import pictures
+from vaelab.report.figures import curves_png, grid_png
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1400px; color: #222; }
+h1 { font-size: 1.6em; } h2 { font-size: 1.2em; margin-top: 2em; border-bottom: 1px solid #ccc; }
+table { border-collapse: collapse; font-size: 0.9em; }
+td, th { border: 1px solid #ddd; padding: 3px 8px; text-align: right; }
+th { background: #f4f4f4; } td:first-child, th:first-child { text-align: left; }
+.runs { display: grid; gap: 1em; grid-template-columns: repeat(var(--n), minmax(0, 1fr)); }
+.runs figure { margin: 0; } figcaption { font-size: 0.85em; color: #555; }
+img { max-width: 100%; image-rendering: pixelated; }
+.runs.curves { grid-template-columns: minmax(0, 1100px); }
+.curves img { image-rendering: auto; }
+.note { color: #555; font-size: 0.9em; }
+"""
+
+# Evaluation keys shown in the table, in order, with how to read them.
+EVAL_KEYS = [
+    ("elbo_nats", "ELBO (nats/image, higher is better)"),
+    ("iw_nll_nats", "IS negative log-likelihood (nats/image)"),
+    ("elbo_gap_nats", "gap: IS log-likelihood - ELBO (nats)"),
+    ("bpd", "bits/dim from the ELBO"),
+    ("iw_bpd", "bits/dim from the IS estimate"),
+    ("recon", "reconstruction term (nats)"),
+    ("kl", "KL(q(z|x) || p(z)) (nats)"),
+    ("active_units", "active units (Cov_x E_q[z_j] > 0.01)"),
+    ("mse_per_pixel", "MSE per pixel (posterior mean)"),
+    ("psnr", "PSNR (dB)"),
+    ("diversity_ratio", "diversity of 64 samples / of 64 real images"),
+    ("iw_samples", "importance samples K"),
+    ("num_images", "images evaluated"),
+]
+
+
+def _img(png: bytes, alt: str) -> str:
+    data_uri = base64.b64encode(png).decode("ascii")
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data_uri}">'
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.1f}"
+    if isinstance(value, list):
+        return ", ".join(str(v) for v in value)
+    return str(value)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows
+    )
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _config_table(names: list[str], configs: list[dict[str, Any]]) -> tuple[str, str]:
+    flat = [_flatten(c) for c in configs]
+    keys = list(dict.fromkeys(k for f in flat for k in f))
+    if len(configs) > 1:
+        keys = [k for k in keys if len({json.dumps(f.get(k)) for f in flat}) > 1]
+        title = "Configs that differ"
+    else:
+        title = "Config"
+    if not keys:
+        return title, '<p class="note">The runs have the same config.</p>'
+    rows = [[k, *(_fmt(f.get(k)) for f in flat)] for k in keys]
+    return title, _table(["key", *names], rows)
+
+
+def _section(title: str, cells: list[str], css: str = "") -> str:
+    inner = "".join(f"<figure>{c}</figure>" for c in cells)
+    grid = f'<div class="runs {css}" style="--n:{len(cells)}">{inner}</div>'
+    return f"<h2>{html.escape(title)}</h2>{grid}"
+
+
+def write_report(
+    runs: list[str | Path], out: str | Path, title: str = "vaelab report", extra_html: str = ""
+) -> Path:
+    """Write one self-contained HTML page comparing ``runs``; return its path."""
+    runs = [Path(r) for r in runs]
+    if not runs:
+        raise ValueError("write_report needs at least one run directory")
+    names = [r.name or str(r) for r in runs]
+    configs, evals = [], []
+    curves, recons, samples, interps, traversals = [], [], [], [], []
+    data_cache: dict[str, data.Splits] = {}
+    for run, name in zip(runs, names, strict=True):
+        cfg = load_config(run / "config.yaml")
+        configs.append(yaml.safe_load((run / "config.yaml").read_text()))
+        eval_path = run / "eval" / "val.json"
+        evals.append(json.loads(eval_path.read_text()) if eval_path.is_file() else {})
+        key = json.dumps(configs[-1]["data"], sort_keys=True)
+        if key not in data_cache:
+            data_cache[key] = data.build(cfg.data, progress=False)
+        val = data_cache[key].val
+        model = load(run)
+        label = f"{name} ({cfg.model.name})"
+        curves.append(_img(curves_png(read_metrics(run), title=label), f"{name} curves"))
+        grid, caption = pictures.reconstructions(model, val)
+        recons.append(_img(grid_png(grid, 8, f"{label}: {caption}", group=2), f"{name} recon"))
+        samples.append(
+            _img(grid_png(pictures.samples(model), 8, f"{label}: 64 prior samples"), name)
+        )
+        interps.append(
+            _img(grid_png(pictures.interpolations(model, val), 10, f"{label}"), f"{name} interp")
+        )
+        dims = pictures.active_dimensions(model, val, 8)
+        travel = pictures.traversal(model, val, dims)
+        caption = f"{label}: rows = dims {dims}, values -3..3"
+        traversals.append(_img(grid_png(travel, 9, caption), f"{name} traversal"))
+
+    config_title, config_html = _config_table(names, configs)
+    if any(evals):
+        rows = [[label, *(_fmt(e.get(key)) for e in evals)] for key, label in EVAL_KEYS]
+        eval_html = _table(["metric (val, per image)", *names], rows)
+    else:
+        eval_html = '<p class="note">No run has been evaluated (vaelab evaluate RUN).</p>'
+    body = [
+        f"<h1>{html.escape(title)}</h1>",
+        '<p class="note">Every number is a per-image sum (over pixels, over latent dimensions) '
+        "in nats unless said; the ELBO includes all constants; beta multiplies the KL "
+        "(Higgins et al. 2017).</p>",
+        f"<h2>{config_title}</h2>{config_html}",
+        f"<h2>Evaluation</h2>{eval_html}",
+        extra_html,
+        _section("Loss curves (train and val)", curves, "curves"),
+        _section("Reconstructions", recons),
+        _section("Samples from the prior", samples),
+        _section("Interpolations between pairs of val images (latent space)", interps),
+        _section("Latent traversals (the most active dimensions)", traversals),
+    ]
+    page = (
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>"
+        + "\n".join(body)
+        + "</body></html>\n"
+    )
+    out = Path(out)
+    atomic_write(out, page)
+    return out

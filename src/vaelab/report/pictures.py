@@ -1,0 +1,110 @@
+"""What a model draws: samples, reconstructions, interpolations, latent traversals.
+
+Each function returns images (N, C, H, W) in [0, 1], laid out for ``image_grid`` with ``nrow``
+columns; the CLI and the HTML report turn them into PNGs. Randomness is seeded and does not
+disturb the caller's generators.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from vaelab.data import ImageDataset
+from vaelab.models.base import GenerativeModel
+from vaelab.rng import seeded
+
+
+def _device(model: GenerativeModel) -> torch.device:
+    return next(model.parameters()).device
+
+
+def spread(dataset: ImageDataset, n: int) -> np.ndarray:
+    """n positions spread evenly over a dataset (covers every class of a class-sorted set)."""
+    return np.linspace(0, len(dataset) - 1, min(n, len(dataset))).round().astype(np.int64)
+
+
+@torch.no_grad()
+def samples(model: GenerativeModel, n: int = 64, temperature: float = 1.0, seed: int = 0) -> Tensor:
+    """n decoder means for z ~ N(0, temperature^2 I)."""
+    with seeded(seed):
+        return model.eval().sample(n, temperature).cpu()
+
+
+@torch.no_grad()
+def reconstructions(
+    model: GenerativeModel, dataset: ImageDataset, n: int = 16, nrow: int = 8, seed: int = 0
+) -> tuple[Tensor, str]:
+    """Rows of ``nrow`` real images, each above their reconstructions; and a caption.
+
+    A model without an encoder cannot reconstruct: its row shows f(z) for z ~ p(z) instead.
+    """
+    model.eval()
+    x = dataset.batch(spread(dataset, n), _device(model))
+    with seeded(seed):
+        if model.has_encoder:
+            out, what = model.reconstruct(x), "reconstructions"
+        else:
+            out, what = model.sample(len(x)), "f(z), z ~ p(z) (no encoder)"
+    rows = [torch.cat([x[i : i + nrow], out[i : i + nrow]]) for i in range(0, len(x), nrow)]
+    return torch.cat(rows).cpu(), f"val images above {what}"
+
+
+def _latents(model: GenerativeModel, dataset: ImageDataset, index: np.ndarray) -> Tensor:
+    """Posterior means of the images at ``index``; prior samples for a model without encoder."""
+    if model.has_encoder:
+        return model.encode(dataset.batch(index, _device(model))).mode()
+    return torch.randn(len(index), model.cfg.latent_dim, device=_device(model))
+
+
+@torch.no_grad()
+def interpolations(
+    model: GenerativeModel, dataset: ImageDataset, pairs: int = 6, steps: int = 10, seed: int = 0
+) -> Tensor:
+    """One row per pair of real images: decoded points on the line between their latents."""
+    model.eval()
+    with seeded(seed):
+        index = np.random.default_rng(seed).permutation(len(dataset))[: 2 * pairs]
+        z = _latents(model, dataset, index).view(-1, 2, model.cfg.latent_dim)  # (P, 2, d)
+    t = torch.linspace(0, 1, steps, device=z.device)[None, :, None]  # (1, S, 1)
+    path = z[:, :1] * (1 - t) + z[:, 1:] * t  # (P, S, d)
+    return model.decode(path.flatten(0, 1)).cpu()
+
+
+@torch.no_grad()
+def active_dimensions(
+    model: GenerativeModel, dataset: ImageDataset, k: int, n: int = 500
+) -> list[int]:
+    """The k latent dimensions with the largest mean KL over (up to) n images, most first.
+
+    Without an encoder every dimension is equally unused: the first k are returned.
+    """
+    if not model.has_encoder:
+        return list(range(min(k, model.cfg.latent_dim)))
+    q = model.eval().encode(dataset.batch(spread(dataset, n), _device(model)))
+    order = q.kl_per_dim().mean(0).argsort(descending=True)
+    return order[:k].tolist()
+
+
+@torch.no_grad()
+def traversal(
+    model: GenerativeModel,
+    dataset: ImageDataset,
+    dims: list[int],
+    steps: int = 9,
+    limit: float = 3.0,
+    seed: int = 0,
+) -> Tensor:
+    """One row per latent dimension: that dimension swept from -limit to limit, the others at
+    the posterior mean of one real image (0 for a model without an encoder)."""
+    model.eval()
+    with seeded(seed):
+        base = _latents(model, dataset, spread(dataset, 1))[0]
+    if not model.has_encoder:
+        base = torch.zeros_like(base)
+    values = torch.linspace(-limit, limit, steps, device=base.device)
+    z = base.repeat(len(dims), steps, 1)  # (D, S, d)
+    for row, dim in enumerate(dims):
+        z[row, :, dim] = values
+    return model.decode(z.flatten(0, 1)).cpu()
