@@ -79,6 +79,11 @@ def test_demo_end_to_end(tmp_path, capsys):
             with Image.open(out / name / "figures" / f"{fig}.png") as img:
                 assert img.width > 200 and img.height > 100
     assert "diversity" in capsys.readouterr().out
+    for name, s in summary.items():  # the likelihood numbers keep their order
+        assert s["iw_nll_nats"] <= -s["val_elbo_nats"] + 0.5
+        assert name == "decoder_only" or s["elbo_gap_nats"] >= -0.5
+    page = (out / "report.html").read_text()
+    assert all(name in page for name in summary) and page.count("<img ") == 15
 
 
 @pytest.mark.parametrize("config", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)

@@ -223,3 +223,32 @@ def test_decoder_only_collapses_and_vae_does_not(tmp_path):
     learned = diversity_ratio(vaelab.load(_collapse_run(tmp_path, "vae")), val)
     assert collapsed < 0.1, collapsed
     assert learned > 0.4, learned
+
+
+def test_tensorboard_logs_scalars_and_images(tmp_path, splits):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = vaelab.train(tiny_config("train.tensorboard=true"), tmp_path / "run", splits=splits)
+    events = EventAccumulator(str(run / "tensorboard")).Reload()
+    assert {"loss/train", "loss/val", "kl/val", "elbo_nats/val"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("loss/val")] == [4, 8]
+    assert "samples" in events.Tags()["images"]
+
+
+def test_tensorboard_missing_is_a_clear_error_before_anything_is_written(
+    tmp_path, splits, monkeypatch
+):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_tensorboard(name, *args, **kwargs):
+        if name == "torch.utils.tensorboard":
+            raise ImportError("No module named 'tensorboard'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    with pytest.raises(ConfigError, match=r"pip install 'vaelab\[tensorboard\]'"):
+        vaelab.train(tiny_config("train.tensorboard=true"), tmp_path / "run", splits=splits)
+    assert not (tmp_path / "run").exists()

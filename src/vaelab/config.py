@@ -91,6 +91,7 @@ class TrainConfig:
     device: str = "cpu"  # cpu | cuda | auto
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
     progress: bool = True  # a tqdm bar per epoch
+    tensorboard: bool = False  # also log scalars and images to RUN/tensorboard (optional extra)
 
     def __post_init__(self) -> None:
         check_types(self, "train")

@@ -43,11 +43,61 @@ from vaelab.rng import seeded
 
 EpochCallback = Callable[[int, list[dict[str, Any]]], None]
 VAL_SEED = 1234  # the noise used in validation: fixed, so epochs compare like for like
-RESUMABLE_KEYS = ("train.epochs", "train.progress", "train.device", "train.threads")
+RESUMABLE_KEYS = (
+    "train.epochs",
+    "train.progress",
+    "train.device",
+    "train.threads",
+    "train.tensorboard",
+)
 
 
 class TrainingDiverged(RuntimeError):
     """The loss or the weights became NaN or infinite; the message says where."""
+
+
+class _Board:
+    """Optional TensorBoard logging (train.tensorboard=true): the metrics rows as scalars, and
+    samples and reconstructions as images, once per epoch. Event files are TensorBoard's own
+    append-only logs; on resume, events after the checkpoint's step are purged."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.writer: Any = None
+        self.writer_class: Any = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ConfigError(
+                    "config key 'train.tensorboard': needs the tensorboard package "
+                    "(pip install 'vaelab[tensorboard]')"
+                ) from None
+            self.writer_class = SummaryWriter
+
+    def open(self, run: Path, step: int) -> None:
+        if self.writer_class is not None:
+            self.writer = self.writer_class(str(run / "tensorboard"), purge_step=step or None)
+
+    @torch.no_grad()
+    def epoch(self, rows: list[dict[str, Any]], model: GenerativeModel, val: ImageDataset) -> None:
+        if self.writer is None:
+            return
+        for row in rows:
+            for key in (*TERMS, "bpd"):
+                if row[key] is not None:
+                    self.writer.add_scalar(f"{key}/{row['split']}", row[key], row["step"])
+        model.eval()
+        with seeded(0):
+            self.writer.add_images("samples", model.sample(16).cpu(), rows[-1]["step"])
+            if model.has_encoder:
+                x = val.batch(slice(0, 8), next(model.parameters()).device)
+                pairs = torch.cat([x, model.reconstruct(x)]).cpu()
+                self.writer.add_images("val images, then reconstructions", pairs, rows[-1]["step"])
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
 
 
 @dataclass
@@ -59,6 +109,7 @@ class _Session:
     device: torch.device
     model: GenerativeModel
     optimizer: torch.optim.Optimizer
+    board: _Board
 
 
 def _session(cfg: RunConfig, splits: Splits | None) -> _Session:
@@ -67,11 +118,12 @@ def _session(cfg: RunConfig, splits: Splits | None) -> _Session:
     if tc.threads:
         torch.set_num_threads(tc.threads)
     device = _device(tc.device)
+    board = _Board(tc.tensorboard)
     splits = splits if splits is not None else data.build(cfg.data, progress=tc.progress)
     torch.manual_seed(tc.seed)
     model = models.build(cfg.model, splits.train.shape).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr)
-    return _Session(cfg, splits, device, model, optimizer)
+    return _Session(cfg, splits, device, model, optimizer, board)
 
 
 def train(
@@ -170,12 +222,27 @@ def _fit(
     rows: list[dict[str, Any]],
     on_epoch_end: EpochCallback | None,
 ) -> Path:
-    cfg, model, optimizer, device = session.cfg, session.model, session.optimizer, session.device
-    train_set, tc = session.splits.train, cfg.train
+    tc = session.cfg.train
     if counters["epoch"] >= tc.epochs:
         print(f"{run}: already trained for {counters['epoch']} of {tc.epochs} epochs")
         return run
 
+    session.board.open(run, counters["step"])
+    try:
+        return _epochs(run, session, counters, rows, on_epoch_end)
+    finally:
+        session.board.close()
+
+
+def _epochs(
+    run: Path,
+    session: _Session,
+    counters: dict[str, Any],
+    rows: list[dict[str, Any]],
+    on_epoch_end: EpochCallback | None,
+) -> Path:
+    cfg, model, optimizer, device = session.cfg, session.model, session.optimizer, session.device
+    train_set, tc = session.splits.train, cfg.train
     n_train = len(train_set)
     batch_size = min(tc.batch_size, n_train)
     # Drop the last partial batch: every step sees the same batch size (batch-norm statistics
@@ -237,6 +304,7 @@ def _fit(
         atomic_write(run / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
         save_weights(run, model, {"epoch": epoch, "step": counters["step"]})
         save_train_state(run, model, optimizer, counters)
+        session.board.epoch([train_row, val_row], model, session.splits.val)
         if tc.progress:
             print(
                 f"{cfg.model.name} epoch {epoch}/{tc.epochs}: train loss {train_row['loss']:.2f}"
