@@ -39,6 +39,7 @@ class DataConfig:
     binarize: bool = False  # pixels >= 1/2 become 1, the rest 0 (for model.likelihood=bernoulli)
     cache_dir: str = ""  # preprocessing cache; "": $VAELAB_CACHE or ~/.cache/vaelab
     workers: int = 0  # processes decoding images while preparing; 0: all cores
+    subset: int = 0  # for generated data (shapes): a seeded subset of this many images; 0: all
 
     def __post_init__(self) -> None:
         check_types(self, "data")
@@ -47,6 +48,7 @@ class DataConfig:
         require(self.crop >= 0, "data.crop", "an integer >= 0 (0: the source's own)")
         require(self.channels in (0, 1, 3), "data.channels", "0, 1 or 3")
         require(self.workers >= 0, "data.workers", "an integer >= 0 (0: all cores)")
+        require(self.subset >= 0, "data.subset", "an integer >= 0 (0: all)")
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,9 @@ class ImageDataset:
     """Rows ``rows`` (default: all) of ``images`` (N, H, W, C) uint8.
 
     labels: optional (N,) integers (digit class, CelebA identity); attributes: optional name ->
-    (N,) arrays (CelebA's 40 binary attributes as -1/1). Both are indexed like ``images``.
+    (N,) arrays (CelebA's 40 binary attributes as -1/1); factors: optional (N, F) integer
+    indices of the true generative factors (the ``shapes`` data), named in ``factor_names`` with
+    ``factor_sizes`` values each. All are indexed like ``images``.
     """
 
     def __init__(
@@ -36,6 +38,9 @@ class ImageDataset:
         rows: np.ndarray | None = None,
         attributes: dict[str, np.ndarray] | None = None,
         binarize: bool = False,
+        factors: np.ndarray | None = None,
+        factor_names: tuple[str, ...] = (),
+        factor_sizes: tuple[int, ...] = (),
     ) -> None:
         if images.dtype != np.uint8 or images.ndim != 4:
             raise DataError(
@@ -48,6 +53,11 @@ class ImageDataset:
         self.rows = np.arange(len(images)) if rows is None else np.asarray(rows, dtype=np.int64)
         self._attributes = attributes or {}
         self.binarize = binarize  # batches thresholded at 1/2, for a Bernoulli likelihood
+        if factors is not None and (len(factors) != len(images) or factors.ndim != 2):
+            raise DataError(f"factors: expected ({len(images)}, F), got {factors.shape}")
+        self._factors = factors
+        self.factor_names = tuple(factor_names)
+        self.factor_sizes = tuple(factor_sizes)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -61,6 +71,11 @@ class ImageDataset:
     @property
     def labels(self) -> np.ndarray | None:
         return None if self._labels is None else self._labels[self.rows]
+
+    @property
+    def factors(self) -> np.ndarray | None:
+        """(len, F) factor indices of this dataset's images, or None."""
+        return None if self._factors is None else self._factors[self.rows]
 
     @property
     def attributes(self) -> dict[str, np.ndarray]:
@@ -87,7 +102,14 @@ class ImageDataset:
     def subset(self, index: np.ndarray) -> ImageDataset:
         """A view of positions ``index`` of this dataset (no copy of the images)."""
         return ImageDataset(
-            self.images, self._labels, self.rows[index], self._attributes, self.binarize
+            self.images,
+            self._labels,
+            self.rows[index],
+            self._attributes,
+            self.binarize,
+            self._factors,
+            self.factor_names,
+            self.factor_sizes,
         )
 
 
