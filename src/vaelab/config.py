@@ -63,7 +63,8 @@ class ModelConfig:
     # Decoder variance for the Gaussian likelihood. 1/2 makes -log p(x|z) the plain sum of
     # squared errors plus a constant, as in the derivation (DESIGN.md, "The science").
     sigma2: float = 0.5
-    mc_samples: int = 1  # m: samples of z per image in the objective
+    mc_samples: int = 1  # m: samples of z per image in the objective (K for iwae)
+    free_bits: float = 0.0  # nats per latent dimension (Kingma et al. 2016); 0: off
 
     def __post_init__(self) -> None:
         check_types(self, "model")
@@ -81,6 +82,7 @@ class ModelConfig:
         require(self.latent_dim >= 1, "model.latent_dim", "an integer >= 1")
         require(0 < self.sigma2 < math.inf, "model.sigma2", "a finite number > 0")
         require(self.mc_samples >= 1, "model.mc_samples", "an integer >= 1")
+        require(0 <= self.free_bits < math.inf, "model.free_bits", "a finite number >= 0")
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,7 @@ class TrainConfig:
     batch_size: int = 128
     lr: float = 1e-3
     lr_schedule: str = "constant"  # constant | cosine (decays to 0 over train.epochs)
+    kl_warmup_steps: int = 0  # the KL weight rises linearly from 0 over this many steps
     seed: int = 0  # seeds initialisation, shuffling and the model's noise
     device: str = "cpu"  # cpu | cuda | auto
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
@@ -105,6 +108,7 @@ class TrainConfig:
         )
         require(self.device in ("cpu", "cuda", "auto"), "train.device", "cpu, cuda or auto")
         require(self.threads >= 0, "train.threads", "an integer >= 0")
+        require(self.kl_warmup_steps >= 0, "train.kl_warmup_steps", "an integer >= 0")
 
 
 @dataclass(frozen=True)

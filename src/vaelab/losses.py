@@ -62,6 +62,20 @@ def gaussian_kl_per_dim(mu: Tensor, logvar: Tensor) -> Tensor:
     return 0.5 * (mu.square() + logvar.exp() - logvar - 1.0)
 
 
+def free_bits_kl(kl_dims: Tensor, free_bits: float) -> Tensor:
+    """KL with free bits (Kingma et al. 2016): (B, d) -> (B,).
+
+    Each latent dimension whose batch-mean KL is below ``free_bits`` nats counts as exactly
+    ``free_bits`` (no gradient pushes it lower); the others count their own KL. The batch mean
+    of the result is sum_j max(free_bits, mean_b KL_bj), as in the paper, while each image
+    keeps its own value. 0 turns it off.
+    """
+    if free_bits <= 0:
+        return kl_dims.sum(-1)
+    below = kl_dims.mean(0, keepdim=True) < free_bits  # (1, d)
+    return torch.where(below, torch.full_like(kl_dims, free_bits), kl_dims).sum(-1)
+
+
 def gaussian_log_prob(z: Tensor, mu: Tensor, logvar: Tensor) -> Tensor:
     """log N(z; mu, diag exp(logvar)) summed over the last dimension: (..., d) -> (...)."""
     return -0.5 * (LOG_2PI + logvar + (z - mu).square() * torch.exp(-logvar)).sum(-1)

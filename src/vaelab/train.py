@@ -264,6 +264,8 @@ def _epochs(
             x = train_set.batch(order[i * batch_size : (i + 1) * batch_size], device)
             if cfg.data.flip:
                 x = data.random_hflip(x)
+            model.step = counters["step"]
+            model.kl_anneal = kl_anneal(tc, counters["step"])
             out = model(x)
             loss = out.loss.mean()
             value = loss.item()  # one sync per step: the NaN check and the progress bar
@@ -316,6 +318,14 @@ def _epochs(
         if on_epoch_end is not None:
             on_epoch_end(epoch, [train_row, val_row])
     return run
+
+
+def kl_anneal(tc: TrainConfig, step: int) -> float:
+    """The KL warm-up factor for optimizer step ``step``: 0 -> 1 linearly over
+    train.kl_warmup_steps (Bowman et al. 2016; Sonderby et al. 2016), then 1."""
+    if tc.kl_warmup_steps <= 0:
+        return 1.0
+    return min(1.0, step / tc.kl_warmup_steps)
 
 
 def learning_rate(tc: TrainConfig, step: int, total_steps: int) -> float:

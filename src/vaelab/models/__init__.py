@@ -36,6 +36,13 @@ def build(cfg: ModelConfig, shape: tuple[int, int, int]) -> GenerativeModel:
 
 
 # Importing the variants registers them.
-from vaelab.models import beta_vae, decoder_only, vae  # noqa: E402, F401
+from vaelab.models import (  # noqa: E402, F401
+    beta_vae,
+    beta_vae_capacity,
+    decoder_only,
+    iwae,
+    sigma_vae,
+    vae,
+)
 
 __all__ = ["MODELS", "DiagonalGaussian", "GenerativeModel", "ModelOutput", "build", "register"]

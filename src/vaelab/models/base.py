@@ -77,6 +77,10 @@ class GenerativeModel(nn.Module):
         self.cfg = cfg
         self.shape = tuple(shape)
         self.decoder = build_decoder(cfg, self.shape)
+        # Set by the trainer before each step: the optimizer step (for schedules such as the
+        # capacity of beta_vae_capacity) and the KL warm-up factor in [0, 1].
+        self.step = 0
+        self.kl_anneal = 1.0
 
     @property
     def num_dims(self) -> int:

@@ -37,20 +37,35 @@ class VAE(GenerativeModel):
         nll = self.recon_terms(x, self.decode_logits(z))[1]
         return -nll + losses.standard_normal_log_prob(z) - q.log_prob(z)
 
+    # -- hooks: a variant overrides one of these ---------------------------------------------
     def kl_weight(self) -> float:
-        """The weight on KL in the training loss; 1 gives the ELBO. Variants override this."""
+        """The weight on KL in the training loss; 1 gives the ELBO (beta-VAE overrides it)."""
         return 1.0
+
+    def kl_penalty(self, kl_dims: Tensor) -> Tensor:
+        """The KL part of the training loss from the per-dimension KL (B, d) -> (B,).
+
+        Free bits (model.free_bits) and KL warm-up (train.kl_warmup_steps, through
+        ``self.kl_anneal``) apply here, so every variant that keeps this hook gets them.
+        """
+        kl = losses.free_bits_kl(kl_dims, self.cfg.free_bits)
+        return self.kl_anneal * self.kl_weight() * kl
+
+    def objective(self, q: DiagonalGaussian, z: Tensor, recon: Tensor, nll: Tensor) -> Tensor:
+        """The per-image training loss from the posterior, its samples z (m, B, d) and the
+        reconstruction terms per sample (m, B). Default: recon + KL penalty (the ELBO's
+        negative, up to a constant, when beta = 1)."""
+        return recon.mean(0) + self.kl_penalty(q.kl_per_dim())
 
     def forward(self, x: Tensor) -> ModelOutput:
         q = self.encode(x)
         z = q.rsample(self.cfg.mc_samples)  # (m, B, d)
         logits = self.decode_logits(z)  # (m, B, C, H, W)
         recon, nll = self.recon_terms(x, logits)  # (m, B) each
-        recon, nll = recon.mean(0), nll.mean(0)
         kl = q.kl()
         return ModelOutput(
-            loss=recon + self.kl_weight() * kl,
-            recon=recon,
+            loss=self.objective(q, z, recon, nll),
+            recon=recon.mean(0),
             kl=kl,
-            elbo=-(nll + kl),
+            elbo=-(nll.mean(0) + kl),
         )

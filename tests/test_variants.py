@@ -1,0 +1,127 @@
+"""The variants that control the rate/distortion trade-off, each against its definition."""
+
+import math
+
+import pytest
+import torch
+
+from tests.conftest import tiny_config
+from vaelab import losses
+from vaelab.models import build
+from vaelab.models.beta_vae_capacity import capacity
+from vaelab.models.sigma_vae import optimal_sigma2
+from vaelab.train import kl_anneal
+
+SHAPE = (1, 8, 8)
+
+
+def make(*overrides):
+    torch.manual_seed(0)
+    return build(tiny_config(*overrides).model, SHAPE)
+
+
+def test_capacity_schedule_step_by_step():
+    cfg = tiny_config(
+        "model.name=beta_vae_capacity", "model.capacity_max=20", "model.capacity_steps=10"
+    ).model
+    assert [capacity(cfg, s) for s in range(0, 13, 2)] == pytest.approx(
+        [0.0, 4.0, 8.0, 12.0, 16.0, 20.0, 20.0]
+    )
+
+
+@pytest.mark.parametrize("step", [0, 50, 10_000])
+def test_capacity_penalty_is_gamma_times_distance_to_c(step):
+    model = make("model.name=beta_vae_capacity", "model.gamma=7", "model.capacity_max=3",
+                 "model.capacity_steps=100")  # fmt: skip
+    model.step = step
+    kl_dims = (torch.rand(6, 2) * 3).requires_grad_()
+    c = 3 * min(1, step / 100)
+    penalty = model.kl_penalty(kl_dims)
+    kl = kl_dims.sum(-1)
+    assert penalty.mean().item() == pytest.approx(7 * abs(kl.mean().item() - c), rel=1e-5)
+    penalty.mean().backward()
+    # d/dKL_i of gamma |mean KL - C| = gamma sign(mean KL - C) / B, for every image.
+    expected = 7 * math.copysign(1, kl.mean().item() - c) / 6
+    torch.testing.assert_close(kl_dims.grad, torch.full_like(kl_dims, expected))
+
+
+def test_sigma_vae_uses_the_closed_form_optimal_variance():
+    model = make("model.name=sigma_vae").eval()
+    x = torch.rand(5, *SHAPE)
+    logits = torch.randn(3, 5, *SHAPE)
+    recon, nll = model.recon_terms(x, logits)
+    mean = torch.sigmoid(logits)
+    sse = ((x - mean) ** 2).flatten(2).sum(2)  # (m, B)
+    sigma2 = sse.mean() / 64
+    assert optimal_sigma2(sse, 64, 1e-6).item() == pytest.approx(sigma2.item())
+    expected = losses.gaussian_nll(
+        x.expand(3, *x.shape).flatten(0, 1), mean.flatten(0, 1), sigma2.item()
+    ).view(3, 5)
+    torch.testing.assert_close(nll, expected)
+    # It is the optimum: any other shared variance gives a larger total NLL.
+    total = nll.sum().item()
+    for factor in (0.5, 0.9, 1.1, 2.0):
+        other = losses.gaussian_nll(
+            x.expand(3, *x.shape).flatten(0, 1), mean.flatten(0, 1), factor * sigma2.item()
+        )
+        assert other.sum().item() > total
+    assert torch.allclose(recon, nll - 32 * math.log(2 * math.pi))
+
+
+def test_iwae_with_one_sample_is_the_elbo():
+    model = make("model.name=iwae", "model.mc_samples=1").eval()
+    x = torch.rand(4, *SHAPE)
+    torch.manual_seed(3)
+    out = model(x)
+    torch.manual_seed(3)
+    q = model.encode(x)
+    z = q.rsample(1)
+    nll = model.recon_terms(x, model.decode_logits(z))[1]
+    single = -nll[0] + losses.standard_normal_log_prob(z[0]) - q.log_prob(z[0])
+    torch.testing.assert_close(out.loss, -single)  # the one-sample ELBO estimate
+    # Its expectation is the ELBO with the closed-form KL.
+    with torch.no_grad():
+        draws = torch.stack([model(x).loss for _ in range(1000)])
+        elbo = torch.stack([model(x).elbo for _ in range(1000)]).mean(0)
+    # Standard error of the mean of 1000 draws: a few hundredths of a nat here.
+    torch.testing.assert_close(draws.mean(0), -elbo, atol=0.3, rtol=0)
+
+
+def test_iwae_bound_rises_with_k():
+    x = torch.rand(8, *SHAPE)
+    k1 = make("model.name=iwae", "model.mc_samples=1").eval()
+    k50 = make("model.name=iwae", "model.mc_samples=50").eval()
+    k50.load_state_dict(k1.state_dict())
+    torch.manual_seed(0)
+    with torch.no_grad():
+        one = torch.stack([k1(x).loss for _ in range(200)]).mean()
+        fifty = torch.stack([k50(x).loss for _ in range(20)]).mean()
+    assert fifty < one  # -L_50 < -L_1: the bound is tighter
+
+
+def test_free_bits():
+    kl_dims = torch.tensor([[0.1, 2.0, 0.4], [0.3, 1.0, 0.8]], requires_grad=True)
+    out = losses.free_bits_kl(kl_dims, 0.5)
+    # Dimension means: 0.2 (below), 1.5 (above), 0.6 (above).
+    torch.testing.assert_close(out, torch.tensor([0.5 + 2.0 + 0.4, 0.5 + 1.0 + 0.8]))
+    assert out.mean().item() == pytest.approx(0.5 + 1.5 + 0.6)
+    out.sum().backward()
+    assert kl_dims.grad[:, 0].abs().sum() == 0 and (kl_dims.grad[:, 1:] == 1).all()
+    torch.testing.assert_close(losses.free_bits_kl(kl_dims, 0.0), kl_dims.sum(-1))
+
+
+def test_free_bits_and_warmup_reach_the_loss():
+    x = torch.rand(4, *SHAPE)
+    model = make("model.free_bits=100").eval()
+    torch.manual_seed(1)
+    out = model(x)
+    torch.testing.assert_close(out.loss, out.recon + 100 * 2)  # both dimensions below 100 nats
+    model.kl_anneal = 0.0
+    torch.manual_seed(1)
+    torch.testing.assert_close(model(x).loss, model(x).recon * 0 + out.recon)
+
+
+def test_kl_warmup_schedule():
+    tc = tiny_config("train.kl_warmup_steps=10").train
+    assert [kl_anneal(tc, s) for s in (0, 5, 10, 20)] == [0.0, 0.5, 1.0, 1.0]
+    assert kl_anneal(tiny_config().train, 0) == 1.0
