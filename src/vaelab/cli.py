@@ -123,12 +123,27 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from vaelab.evaluate import evaluate
-    from vaelab.report.html import write_report
+    from vaelab.report.html import is_sweep, sweep_runs, write_report, write_sweep_report
 
-    for run in args.runs:
+    sweep = len(args.runs) == 1 and is_sweep(args.runs[0])
+    runs = sweep_runs(args.runs[0])[1] if sweep else args.runs
+    for run in runs:
         if not (Path(run) / "eval" / "val.json").is_file():
             evaluate(run, "val", args.iw_samples, progress=not args.quiet)
-    print(f"written {write_report(args.runs, args.out, args.title)}")
+    if sweep:
+        out = write_sweep_report(args.runs[0], args.out)
+    else:
+        out = write_report(runs, args.out, args.title)
+    print(f"written {out}")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from vaelab.sweep import run_sweep
+
+    path, overrides = _split_args(args.items)
+    runs = run_sweep(path, args.out, overrides)
+    print(f"{len(runs)} runs in {args.out}; compare them with `vaelab report {args.out} --out R`")
     return 0
 
 
@@ -214,8 +229,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help=".npy file")
     p.set_defaults(func=cmd_encode)
 
+    p = sub.add_parser("sweep", help="one run per value: key=v1,v2,... (resumable)")
+    p.add_argument("items", nargs="*", metavar="[CONFIG] key=v1,v2 [key=value]")
+    p.add_argument("--out", required=True, help="the sweep folder")
+    p.set_defaults(func=cmd_sweep)
+
     p = sub.add_parser("report", help="one self-contained HTML page comparing runs")
-    p.add_argument("runs", nargs="+", metavar="RUN")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders, or one sweep folder")
     p.add_argument("--out", required=True, help="HTML file")
     p.add_argument("--title", default="vaelab report")
     p.add_argument("--iw-samples", type=int, default=100, help="K for runs not yet evaluated")

@@ -63,6 +63,36 @@ def curves_png(rows: Sequence[dict[str, Any]], title: str = "") -> bytes:
     return _png(fig)
 
 
+def rate_distortion_png(points: Sequence[tuple[str, float, float]], title: str = "") -> bytes:
+    """Rate (KL, nats) against distortion (reconstruction term, nats) of runs, each labelled.
+
+    Dashed lines are iso-ELBO lines: distortion + rate = const, i.e. the same ELBO up to the
+    likelihood's constant. Points further down-left are better ELBOs; moving along a line trades
+    one term for the other at the same ELBO.
+    """
+    fig = Figure(figsize=(6.4, 4.8))
+    ax = fig.add_subplot()
+    d = np.array([p[1] for p in points], dtype=float)
+    r = np.array([p[2] for p in points], dtype=float)
+    lo, hi = float((d + r).min()), float((d + r).max())
+    span = max(hi - lo, 1e-9)
+    xmax, ymax = d.max() + 0.15 * (np.ptp(d) + 1), r.max() + 0.15 * (np.ptp(r) + 1)
+    for level in np.linspace(lo - 0.25 * span, hi + 0.25 * span, 6):
+        xs = np.linspace(0, max(xmax, level), 50)
+        ax.plot(xs, level - xs, "--", color="0.8", linewidth=0.8, zorder=0)
+    ax.plot(d, r, "o-", color="C0")
+    for label, x, y in points:
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.set_xlim(max(d.min() - 0.15 * (np.ptp(d) + 1), 0), xmax)
+    ax.set_ylim(max(r.min() - 0.15 * (np.ptp(r) + 1), 0), ymax)
+    ax.set_xlabel("distortion: reconstruction term (nats per image)")
+    ax.set_ylabel("rate: KL(q(z|x) || p(z)) (nats per image)")
+    ax.grid(alpha=0.3)
+    ax.set_title(title or "rate-distortion (dashed: distortion + rate = const, the -ELBO)")
+    fig.tight_layout()
+    return _png(fig)
+
+
 def image_grid(images: Tensor, nrow: int, pad: int = 2, group: int = 0) -> np.ndarray:
     """(N, C, H, W) floats in [0, 1] -> one (H', W', C) uint8 array, ``nrow`` images per row;
     ``group`` > 0 leaves a wider gap after every ``group`` rows (pairs of images above

@@ -20,7 +20,9 @@ from vaelab import data
 from vaelab.checkpoint import atomic_write, load, read_metrics
 from vaelab.config import load_config
 from vaelab.report import pictures
-from vaelab.report.figures import curves_png, grid_png
+from vaelab.report.figures import curves_png, grid_png, rate_distortion_png
+
+SWEEP_FILE = "sweep.json"
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1400px; color: #222; }
@@ -172,3 +174,48 @@ def write_report(
     out = Path(out)
     atomic_write(out, page)
     return out
+
+
+def is_sweep(folder: str | Path) -> bool:
+    return (Path(folder) / SWEEP_FILE).is_file()
+
+
+def sweep_runs(sweep_dir: str | Path) -> tuple[dict[str, Any], list[Path]]:
+    """A sweep folder's description (sweep.json, written by `vaelab sweep`) and its runs."""
+    path = Path(sweep_dir) / SWEEP_FILE
+    try:
+        info = json.loads(path.read_text())
+        runs = [Path(sweep_dir) / name for name in info["runs"]]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"'{path}': not a readable sweep description ({err})") from None
+    return info, runs
+
+
+def write_sweep_report(sweep_dir: str | Path, out: str | Path) -> Path:
+    """The report of a sweep's runs, with a rate-distortion figure of their last val epoch."""
+    info, runs = sweep_runs(sweep_dir)
+    axes = list(info["axes"])
+    points = []
+    for run in runs:
+        val = [r for r in read_metrics(run) if r["split"] == "val"]
+        if not val or val[-1]["kl"] is None:
+            continue  # not trained yet, or a model without a KL term
+        label = ", ".join(
+            f"{k.split('.')[-1]}={v}" for k, v in zip(axes, _values(run), strict=False)
+        )
+        points.append((label, val[-1]["recon"], val[-1]["kl"]))
+    extra = ""
+    if points:
+        title = f"rate-distortion over {', '.join(axes)}"
+        png = rate_distortion_png(points, title)
+        extra = f"<h2>Rate and distortion</h2>{_img(png, 'rate-distortion')}" + (
+            '<p class="note">Each point is a run (last epoch, val). Dashed: iso-ELBO lines, '
+            "distortion + rate = const. beta multiplies the KL (Higgins et al. 2017).</p>"
+        )
+    title = f"vaelab sweep: {', '.join(f'{k} in {v}' for k, v in info['axes'].items())}"
+    return write_report(runs, out, title=title, extra_html=extra)
+
+
+def _values(run: Path) -> list[str]:
+    """The swept values from a sweep run's folder name (key=value_key=value)."""
+    return [part.partition("=")[2] for part in run.name.split("_") if "=" in part]

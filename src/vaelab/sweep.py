@@ -1,0 +1,81 @@
+"""Sweeps: one training per value (or per combination of values) of some config keys.
+
+    vaelab sweep [CONFIG] --out DIR model.beta=0.5,1,4 [key=value ...]
+
+A value with commas is a sweep axis (write a list value as [a,b] to keep it one value). Each
+run is an ordinary run directory DIR/<key=value>[_<key=value>...]; DIR/sweep.json lists them.
+Running the same command again skips finished runs and resumes interrupted ones, so a sweep
+is as resumable as a single run. Every config is checked before the first run starts.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+from typing import Any
+
+from vaelab import data
+from vaelab.checkpoint import atomic_write
+from vaelab.config import ConfigError, RunConfig, load_config
+from vaelab.train import resume, train
+
+SWEEP_FILE = "sweep.json"
+
+
+def parse_axes(overrides: list[str]) -> tuple[list[tuple[str, list[str]]], list[str]]:
+    """(axes [(key, [values])], fixed overrides): a value with commas, not in [ ], is an axis."""
+    axes, fixed = [], []
+    for text in overrides:
+        key, sep, value = text.partition("=")
+        if sep and "," in value and not value.strip().startswith("["):
+            values = [v.strip() for v in value.split(",") if v.strip()]
+            if len(set(values)) != len(values):
+                raise ConfigError(f"sweep axis '{key}': values repeat ({value})")
+            axes.append((key.strip(), values))
+        else:
+            fixed.append(text)
+    if not axes:
+        raise ConfigError("vaelab sweep needs at least one key=v1,v2,... to sweep over")
+    return axes, fixed
+
+
+def plan(
+    config: str | Path | None, overrides: list[str]
+) -> tuple[dict[str, Any], list[tuple[str, RunConfig]]]:
+    """The sweep's description and (run name, config) for every combination, all checked."""
+    axes, fixed = parse_axes(overrides)
+    runs = []
+    for combo in itertools.product(*(values for _, values in axes)):
+        pairs = [f"{key}={value}" for (key, _), value in zip(axes, combo, strict=True)]
+        runs.append(("_".join(pairs), load_config(config, [*fixed, *pairs])))
+    info = {
+        "config": None if config is None else str(config),
+        "axes": {key: values for key, values in axes},
+        "fixed": fixed,
+        "runs": [name for name, _ in runs],
+    }
+    return info, runs
+
+
+def run_sweep(config: str | Path | None, out: str | Path, overrides: list[str]) -> list[Path]:
+    """Train every run of the sweep into ``out`` (skipping finished ones); return their paths."""
+    out = Path(out)
+    info, runs = plan(config, overrides)
+    existing = out / SWEEP_FILE
+    if existing.is_file() and json.loads(existing.read_text()).get("runs") != info["runs"]:
+        raise ConfigError(f"'{out}' holds another sweep ({existing}): choose another --out")
+    atomic_write(existing, json.dumps(info, indent=2) + "\n")
+    splits: dict[str, data.Splits] = {}
+    paths = []
+    for name, cfg in runs:
+        key = json.dumps(cfg.to_dict()["data"], sort_keys=True)
+        if key not in splits:  # runs that share their data share one copy of it
+            splits[key] = data.build(cfg.data, progress=cfg.train.progress)
+        run = out / name
+        if (run / "config.yaml").is_file():
+            resume(run, splits=splits[key])
+        else:
+            train(cfg, run, splits=splits[key])
+        paths.append(run)
+    return paths
