@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from vaelab.config import DataConfig
-from vaelab.data import celeba, folder, idx, mnist5k
+from vaelab.data import celeba, folder, idx, mnist5k, shapes
 from vaelab.data.base import DataError, ImageDataset, Splits, random_hflip, stratified_split
 
 SOURCES: dict[str, Callable[[DataConfig, bool], Splits]] = {
@@ -19,6 +19,7 @@ SOURCES: dict[str, Callable[[DataConfig, bool], Splits]] = {
     "folder": folder.build,
     "idx": idx.build,
     "fashion_mnist": idx.build_fashion_mnist,
+    "shapes": shapes.build,
 }
 
 
