@@ -1,6 +1,7 @@
 """The evaluation room: the importance-sampled likelihood where log p(x) is known exactly, and
 the metrics of a trained run."""
 
+import json
 import math
 
 import numpy as np
@@ -139,3 +140,19 @@ def test_posterior_means(runs):
     assert means.shape == (16, 2) and means.dtype == np.float32
     expected = model.encode(splits.val.batch(slice(0, 16))).mu.detach().numpy()
     np.testing.assert_allclose(means, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_evaluate_reports_disentanglement_on_shapes(tmp_path, monkeypatch):
+    monkeypatch.setattr("vaelab.evaluate.FACTOR_POINTS", 10)  # a smoke-sized classifier budget
+    cfg = vaelab.load_config(
+        overrides=["data.name=shapes", "data.subset=400", "data.val_fraction=0.25",
+                   "model.widths=[4,8,8,8]", "model.latent_dim=3", "train.epochs=1",
+                   "train.batch_size=100", "train.progress=false"]
+    )  # fmt: skip
+    run = vaelab.train(cfg, tmp_path / "run")
+    result = evaluate(run, "val", iw_samples=2, progress=False)
+    for key in ["mig", "beta_vae_score", "factor_vae_score", "dci_disentanglement",
+                "dci_completeness", "dci_informativeness"]:  # fmt: skip
+        assert 0.0 <= result[key] <= 1.0, key
+    assert set(result["mig_per_factor"]) == {"shape", "scale", "orientation", "pos_x", "pos_y"}
+    assert json.loads((run / "eval" / "val.json").read_text())["mig"] == result["mig"]

@@ -38,6 +38,9 @@ EVAL_SEED = 0
 ACTIVE_THRESHOLD = 0.01
 # Decoder outputs held at once by the importance sampler: chunks of K keep memory bounded.
 MAX_ELEMENTS = 2**20
+# Training points of the beta-VAE and FactorVAE classifiers (half as many evaluation points):
+# the defaults of vaelab.disentanglement; each point encodes a batch of 64 generated images.
+FACTOR_POINTS = 1000
 
 
 def mean_pairwise_distance(images: Tensor) -> float:
@@ -148,6 +151,41 @@ def evaluate_model(
     return result
 
 
+def disentanglement_metrics(
+    model: GenerativeModel, dataset: ImageDataset, source: str, seed: int = EVAL_SEED
+) -> dict[str, Any]:
+    """MIG on the split's own images; the beta-VAE and FactorVAE scores and DCI on images the
+    source draws for chosen factors (vaelab.disentanglement has the definitions)."""
+    from vaelab import disentanglement as dis
+
+    sizes = dataset.factor_sizes
+    codes = posterior_means(model, dataset)
+    mig = dis.mutual_information_gap(codes, dataset.factors, sizes)
+    render, sample = data.GENERATORS[source]
+
+    def represent(factors: np.ndarray) -> np.ndarray:
+        images = np.asarray(render(factors))
+        return posterior_means(model, ImageDataset(images.reshape(*images.shape[:3], -1)))
+
+    n = FACTOR_POINTS
+    train = dis.sample_codes(represent, sample, sizes, 2 * n, rng=seed)  # type: ignore[arg-type]
+    test = dis.sample_codes(represent, sample, sizes, n, rng=seed + 1)  # type: ignore[arg-type]
+    dci = dis.dci(*train, *test, factor_sizes=sizes)
+    scores = {"n_train": n, "n_eval": n // 2, "rng": seed}
+    return {
+        "mig": mig["mig"],
+        "mig_per_factor": {  # None where a factor is constant in the split
+            name: None if math.isnan(v) else v
+            for name, v in zip(dataset.factor_names, mig["per_factor"], strict=True)
+        },
+        "beta_vae_score": dis.beta_vae_score(represent, sample, sizes, **scores),  # type: ignore[arg-type]
+        "factor_vae_score": dis.factor_vae_score(represent, sample, sizes, **scores),  # type: ignore[arg-type]
+        "dci_disentanglement": dci["disentanglement"],
+        "dci_completeness": dci["completeness"],
+        "dci_informativeness": dci["informativeness"],
+    }
+
+
 def evaluate(
     run_dir: str | Path,
     split: str = "val",
@@ -158,8 +196,8 @@ def evaluate(
     """Evaluate a run's model on its data's ``split`` (val or test); write RUN/eval/<split>.json."""
     run_dir = Path(run_dir)
     model = load(run_dir)
+    cfg = load_config(run_dir / "config.yaml")
     if splits is None:
-        cfg = load_config(run_dir / "config.yaml")
         splits = data.build(cfg.data, progress=progress)
     dataset = {"val": splits.val, "test": splits.test}.get(split)
     if split not in ("val", "test"):
@@ -167,6 +205,10 @@ def evaluate(
     if dataset is None:
         raise data.DataError(f"split '{split}': this data source has no {split} split")
     result = {"split": split, **evaluate_model(model, dataset, iw_samples, progress=progress)}
+    if model.has_encoder and dataset.factors is not None and cfg.data.name in data.GENERATORS:
+        start = time.perf_counter()
+        result.update(disentanglement_metrics(model, dataset, cfg.data.name))
+        result["disentanglement_seconds"] = round(time.perf_counter() - start, 3)
     atomic_write(run_dir / "eval" / f"{split}.json", json.dumps(result, indent=2) + "\n")
     return result
 
@@ -199,7 +241,9 @@ def format_table(result: dict[str, Any]) -> str:
     """One metric a line, lists summarised."""
     lines = []
     for key, value in result.items():
-        if isinstance(value, list):
+        if isinstance(value, dict):
+            shown = ", ".join(f"{k} {'-' if v is None else f'{v:.2f}'}" for k, v in value.items())
+        elif isinstance(value, list):
             shown = f"[{len(value)} values, max {max(value):.3f}]" if value else "[]"
         elif isinstance(value, float):
             shown = f"{value:.4f}"

@@ -23,6 +23,13 @@ SOURCES: dict[str, Callable[[DataConfig, bool], Splits]] = {
 }
 
 
+# Sources that can draw new images for any factor values: (render, sample_factors). The
+# beta-VAE and FactorVAE scores need images with chosen factors, not only the stored ones.
+GENERATORS: dict[str, tuple[Callable[..., object], Callable[..., object]]] = {
+    "shapes": (shapes.render, shapes.sample_factors),
+}
+
+
 def build(cfg: DataConfig, progress: bool = True) -> Splits:
     """The splits of the source ``cfg.name``; ``progress`` shows a bar while preparing."""
     if cfg.name not in SOURCES:
@@ -38,6 +45,7 @@ def build(cfg: DataConfig, progress: bool = True) -> Splits:
 
 
 __all__ = [
+    "GENERATORS",
     "SOURCES",
     "DataError",
     "ImageDataset",

@@ -51,6 +51,12 @@ EVAL_KEYS = [
     ("mse_per_pixel", "MSE per pixel (posterior mean)"),
     ("psnr", "PSNR (dB)"),
     ("diversity_ratio", "diversity of 64 samples / of 64 real images"),
+    ("mig", "MIG (Chen et al. 2018)"),
+    ("beta_vae_score", "beta-VAE score (Higgins et al. 2017)"),
+    ("factor_vae_score", "FactorVAE score (Kim & Mnih 2018)"),
+    ("dci_disentanglement", "DCI disentanglement (Eastwood & Williams 2018)"),
+    ("dci_completeness", "DCI completeness"),
+    ("dci_informativeness", "DCI informativeness"),
     ("iw_samples", "importance samples K"),
     ("num_images", "images evaluated"),
 ]
