@@ -68,7 +68,7 @@ def test_console_script_entry_point(tmp_path):
 @pytest.mark.slow
 def test_demo_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--epochs", "1", "--quiet"]) == 0
+    assert main(["demo", "--out", str(out), "--epochs", "1", "--iw-samples", "5", "--quiet"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary) == {"decoder_only", "vae", "beta_vae"}
     for name, s in summary.items():

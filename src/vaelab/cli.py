@@ -54,7 +54,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from vaelab.demo import DEMO_EPOCHS, format_summary, run_demo
 
-    summary = run_demo(args.out, epochs=args.epochs or DEMO_EPOCHS, progress=not args.quiet)
+    epochs = args.epochs or DEMO_EPOCHS
+    summary = run_demo(args.out, epochs, progress=not args.quiet, iw_samples=args.iw_samples)
     print(format_summary(summary))
     print(f"figures in {args.out}/<model>/figures/, numbers in {Path(args.out) / 'summary.json'}")
     return 0
@@ -176,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="decoder-only, VAE and beta-VAE on the embedded MNIST digits")
     p.add_argument("--out", default="runs/demo", help="where the runs go (default: runs/demo)")
     p.add_argument("--epochs", type=int, default=0, help="epochs per model (default: the demo's)")
+    p.add_argument("--iw-samples", type=int, default=50, help="K for the val evaluation")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
 
