@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from vaelab import data
-from vaelab.checkpoint import atomic_write, load, read_metrics
+from vaelab.checkpoint import CheckpointError, atomic_write, load, read_metrics
 from vaelab.config import load_config
 from vaelab.report import pictures
 from vaelab.report.figures import curves_png, grid_png, rate_distortion_png
@@ -193,7 +193,7 @@ def sweep_runs(sweep_dir: str | Path) -> tuple[dict[str, Any], list[Path]]:
         info = json.loads(path.read_text())
         runs = [Path(sweep_dir) / name for name in info["runs"]]
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ValueError(f"'{path}': not a readable sweep description ({err})") from None
+        raise CheckpointError(f"'{path}': not a readable sweep description ({err})") from None
     return info, runs
 
 
