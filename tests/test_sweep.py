@@ -66,3 +66,18 @@ def test_interrupted_sweep_run_is_resumed(tmp_path):
     assert main(args) == 0
     assert [r["epoch"] for r in read_metrics(run)] == [1, 1]
     assert main(["sweep", "--out", str(out), "model.latent_dim=4,5", *FAST]) == 2  # another sweep
+    # The same axes with other fixed settings would keep runs trained with the old ones.
+    assert main([*args[:-1], "train.epochs=3"]) == 2
+    # A sweep still running: the report shows the runs that have finished an epoch.
+    (run / "model.safetensors").unlink()
+    page = tmp_path / "r.html"
+    assert main(["report", str(out), "--out", str(page), "--iw-samples", "2", "--quiet"]) == 0
+    assert "model.latent_dim=2" in page.read_text()
+
+
+def test_sweep_values_keep_underscores():
+    info, _ = plan(None, ["model.name=beta_vae,sigma_vae", "model.latent_dim=2,3"])
+    assert info["values"]["model.name=sigma_vae_model.latent_dim=3"] == {
+        "model.name": "sigma_vae",
+        "model.latent_dim": "3",
+    }

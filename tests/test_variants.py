@@ -125,3 +125,61 @@ def test_kl_warmup_schedule():
     tc = tiny_config("train.kl_warmup_steps=10").train
     assert [kl_anneal(tc, s) for s in (0, 5, 10, 20)] == [0.0, 0.5, 1.0, 1.0]
     assert kl_anneal(tiny_config().train, 0) == 1.0
+
+
+def test_iwae_loss_is_the_log_mean_exp_of_the_weights():
+    model = make("model.name=iwae", "model.mc_samples=7").eval()
+    x = torch.rand(3, *SHAPE)
+    torch.manual_seed(4)
+    out = model(x)
+    torch.manual_seed(4)
+    q = model.encode(x)
+    z = q.rsample(7)
+    nll = model.recon_terms(x, model.decode_logits(z))[1]
+    log_w = -nll + losses.standard_normal_log_prob(z) - q.log_prob(z)  # (7, B)
+    expected = -(torch.logsumexp(log_w, 0) - math.log(7))
+    torch.testing.assert_close(out.loss, expected)
+    assert (out.loss < -log_w.mean(0)).all()  # tighter than the mean of the weights (Jensen)
+
+
+def test_trainer_hands_the_step_and_warmup_to_the_model(tmp_path, splits, monkeypatch):
+    from vaelab import train
+    from vaelab.models.vae import VAE
+
+    seen = []
+    original = VAE.forward
+
+    def forward(self, x):
+        if self.training:
+            seen.append((self.step, self.kl_anneal))
+        return original(self, x)
+
+    monkeypatch.setattr(VAE, "forward", forward)
+    cfg = tiny_config("train.epochs=1", "train.kl_warmup_steps=4")
+    train(cfg, tmp_path / "run", splits=splits)
+    assert seen == [(0, 0.0), (1, 0.25), (2, 0.5), (3, 0.75)]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["model.name=iwae", "model.free_bits=1"], "model.free_bits"),
+        (["model.name=beta_vae_capacity", "model.free_bits=1"], "model.free_bits"),
+    ],
+)
+def test_options_a_variant_ignores_are_refused(overrides, key):
+    from vaelab.config import ConfigError
+
+    with pytest.raises(ConfigError, match=key):
+        tiny_config(*overrides)
+
+
+def test_warmup_is_refused_for_iwae(tmp_path, splits):
+    from vaelab import train
+    from vaelab.config import ConfigError
+
+    with pytest.raises(ConfigError, match="train.kl_warmup_steps"):
+        train(
+            tiny_config("model.name=iwae", "train.kl_warmup_steps=5"), tmp_path / "r", splits=splits
+        )
+    assert not (tmp_path / "r").exists()

@@ -128,6 +128,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     sweep = len(args.runs) == 1 and is_sweep(args.runs[0])
     runs = sweep_runs(args.runs[0])[1] if sweep else args.runs
+    if sweep:  # a sweep in progress: report the runs that have finished an epoch
+        runs = [run for run in runs if (Path(run) / "model.safetensors").is_file()]
     for run in runs:
         if not (Path(run) / "eval" / "val.json").is_file():
             evaluate(run, "val", args.iw_samples, progress=not args.quiet)

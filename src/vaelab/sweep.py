@@ -45,15 +45,18 @@ def plan(
 ) -> tuple[dict[str, Any], list[tuple[str, RunConfig]]]:
     """The sweep's description and (run name, config) for every combination, all checked."""
     axes, fixed = parse_axes(overrides)
-    runs = []
+    runs, values = [], {}
     for combo in itertools.product(*(values for _, values in axes)):
         pairs = [f"{key}={value}" for (key, _), value in zip(axes, combo, strict=True)]
-        runs.append(("_".join(pairs), load_config(config, [*fixed, *pairs])))
+        name = "_".join(pairs)
+        runs.append((name, load_config(config, [*fixed, *pairs])))
+        values[name] = {key: value for (key, _), value in zip(axes, combo, strict=True)}
     info = {
         "config": None if config is None else str(config),
         "axes": {key: values for key, values in axes},
         "fixed": fixed,
         "runs": [name for name, _ in runs],
+        "values": values,  # each run's swept values, for labels
     }
     return info, runs
 
@@ -63,8 +66,11 @@ def run_sweep(config: str | Path | None, out: str | Path, overrides: list[str]) 
     out = Path(out)
     info, runs = plan(config, overrides)
     existing = out / SWEEP_FILE
-    if existing.is_file() and json.loads(existing.read_text()).get("runs") != info["runs"]:
-        raise ConfigError(f"'{out}' holds another sweep ({existing}): choose another --out")
+    if existing.is_file() and json.loads(existing.read_text()) != info:
+        # Same folder, other settings: resuming would keep runs trained with the old ones.
+        raise ConfigError(
+            f"'{out}' holds a sweep with other settings ({existing}): choose another --out"
+        )
     atomic_write(existing, json.dumps(info, indent=2) + "\n")
     splits: dict[str, data.Splits] = {}
     paths = []

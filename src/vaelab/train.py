@@ -120,6 +120,11 @@ def _session(cfg: RunConfig, splits: Splits | None) -> _Session:
     device = _device(tc.device)
     board = _Board(tc.tensorboard)
     splits = splits if splits is not None else data.build(cfg.data, progress=tc.progress)
+    if tc.kl_warmup_steps and not models.MODELS[cfg.model.name].supports_kl_warmup:
+        raise ConfigError(
+            f"config key 'train.kl_warmup_steps': expected 0 for model '{cfg.model.name}' "
+            "(its objective has no KL weight to warm up)"
+        )
     torch.manual_seed(tc.seed)
     model = models.build(cfg.model, splits.train.shape).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr)

@@ -71,6 +71,7 @@ class GenerativeModel(nn.Module):
     """A decoder p(x|z) under the prior p(z) = N(0, I). Subclasses add the objective."""
 
     has_encoder: bool = False
+    supports_kl_warmup: bool = False  # whether train.kl_warmup_steps reaches the objective
 
     def __init__(self, cfg: ModelConfig, shape: tuple[int, int, int]) -> None:
         super().__init__()

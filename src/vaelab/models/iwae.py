@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from vaelab import losses
-from vaelab.config import ModelConfig
+from vaelab.config import ModelConfig, require
 from vaelab.models import register
 from vaelab.models.base import DiagonalGaussian
 from vaelab.models.vae import VAE
@@ -25,9 +25,15 @@ class IWAEConfig(ModelConfig):
     name: str = "iwae"
     mc_samples: int = 5  # K importance samples per image
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.free_bits == 0, "model.free_bits", "0 for iwae (its bound has no KL term)")
+
 
 @register("iwae", IWAEConfig)
 class IWAE(VAE):
+    supports_kl_warmup = False
+
     def objective(self, q: DiagonalGaussian, z: Tensor, recon: Tensor, nll: Tensor) -> Tensor:
         log_w = -nll + losses.standard_normal_log_prob(z) - q.log_prob(z)  # (K, B)
         return -losses.iw_bound(log_w)

@@ -21,6 +21,7 @@ class VAEConfig(ModelConfig):
 @register("vae", VAEConfig)
 class VAE(GenerativeModel):
     has_encoder = True
+    supports_kl_warmup = True
 
     def __init__(self, cfg: ModelConfig, shape: tuple[int, int, int]) -> None:
         super().__init__(cfg, shape)

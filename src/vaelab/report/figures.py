@@ -64,11 +64,11 @@ def curves_png(rows: Sequence[dict[str, Any]], title: str = "") -> bytes:
 
 
 def rate_distortion_png(points: Sequence[tuple[str, float, float]], title: str = "") -> bytes:
-    """Rate (KL, nats) against distortion (reconstruction term, nats) of runs, each labelled.
+    """Rate (KL, nats) against distortion (-E_q[log p(x|z)] with its constants, nats) of
+    runs, each labelled.
 
-    Dashed lines are iso-ELBO lines: distortion + rate = const, i.e. the same ELBO up to the
-    likelihood's constant. Points further down-left are better ELBOs; moving along a line trades
-    one term for the other at the same ELBO.
+    Dashed lines are iso-ELBO lines: distortion + rate = -ELBO. Points further down-left are
+    better ELBOs; moving along a line trades one term for the other at the same ELBO.
     """
     fig = Figure(figsize=(6.4, 4.8))
     ax = fig.add_subplot()
@@ -76,19 +76,20 @@ def rate_distortion_png(points: Sequence[tuple[str, float, float]], title: str =
     r = np.array([p[2] for p in points], dtype=float)
     lo, hi = float((d + r).min()), float((d + r).max())
     span = max(hi - lo, 1e-9)
-    xmax, ymax = d.max() + 0.15 * (np.ptp(d) + 1), r.max() + 0.15 * (np.ptp(r) + 1)
+    xmin, xmax = d.min() - 0.15 * (np.ptp(d) + 1), d.max() + 0.15 * (np.ptp(d) + 1)
+    ymin, ymax = r.min() - 0.15 * (np.ptp(r) + 1), r.max() + 0.15 * (np.ptp(r) + 1)
     for level in np.linspace(lo - 0.25 * span, hi + 0.25 * span, 6):
-        xs = np.linspace(0, max(xmax, level), 50)
+        xs = np.linspace(xmin, xmax, 50)
         ax.plot(xs, level - xs, "--", color="0.8", linewidth=0.8, zorder=0)
     ax.plot(d, r, "o-", color="C0")
     for label, x, y in points:
         ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
-    ax.set_xlim(max(d.min() - 0.15 * (np.ptp(d) + 1), 0), xmax)
-    ax.set_ylim(max(r.min() - 0.15 * (np.ptp(r) + 1), 0), ymax)
-    ax.set_xlabel("distortion: reconstruction term (nats per image)")
+    ax.set_xlim(xmin, xmax)
+    ax.set_ylim(max(ymin, 0.0), ymax)  # KL is never negative
+    ax.set_xlabel("distortion: -E[log p(x|z)] with constants (nats per image)")
     ax.set_ylabel("rate: KL(q(z|x) || p(z)) (nats per image)")
     ax.grid(alpha=0.3)
-    ax.set_title(title or "rate-distortion (dashed: distortion + rate = const, the -ELBO)")
+    ax.set_title(title or "rate-distortion (dashed: distortion + rate = -ELBO)")
     fig.tight_layout()
     return _png(fig)
 

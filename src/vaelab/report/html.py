@@ -202,26 +202,23 @@ def write_sweep_report(sweep_dir: str | Path, out: str | Path) -> Path:
     info, runs = sweep_runs(sweep_dir)
     axes = list(info["axes"])
     points = []
+    runs = [run for run in runs if (run / "model.safetensors").is_file()]  # finished an epoch
     for run in runs:
         val = [r for r in read_metrics(run) if r["split"] == "val"]
         if not val or val[-1]["kl"] is None:
-            continue  # not trained yet, or a model without a KL term
-        label = ", ".join(
-            f"{k.split('.')[-1]}={v}" for k, v in zip(axes, _values(run), strict=False)
-        )
-        points.append((label, val[-1]["recon"], val[-1]["kl"]))
+            continue  # a model without a KL term
+        swept = info.get("values", {}).get(run.name, {})
+        label = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in swept.items()) or run.name
+        # Distortion with every constant (-ELBO - KL), so distortion + rate is -ELBO exactly
+        # even when runs differ in their likelihood or decoder variance.
+        points.append((label, -val[-1]["elbo_nats"] - val[-1]["kl"], val[-1]["kl"]))
     extra = ""
     if points:
         title = f"rate-distortion over {', '.join(axes)}"
         png = rate_distortion_png(points, title)
         extra = f"<h2>Rate and distortion</h2>{_img(png, 'rate-distortion')}" + (
             '<p class="note">Each point is a run (last epoch, val). Dashed: iso-ELBO lines, '
-            "distortion + rate = const. beta multiplies the KL (Higgins et al. 2017).</p>"
+            "distortion + rate = -ELBO. beta multiplies the KL (Higgins et al. 2017).</p>"
         )
     title = f"vaelab sweep: {', '.join(f'{k} in {v}' for k, v in info['axes'].items())}"
     return write_report(runs, out, title=title, extra_html=extra)
-
-
-def _values(run: Path) -> list[str]:
-    """The swept values from a sweep run's folder name (key=value_key=value)."""
-    return [part.partition("=")[2] for part in run.name.split("_") if "=" in part]
