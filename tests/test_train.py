@@ -252,3 +252,29 @@ def test_tensorboard_missing_is_a_clear_error_before_anything_is_written(
     with pytest.raises(ConfigError, match=r"pip install 'vaelab\[tensorboard\]'"):
         vaelab.train(tiny_config("train.tensorboard=true"), tmp_path / "run", splits=splits)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_bf16_and_channels_last_reach_the_fp32_validation_elbo(tmp_path):
+    common = ["model.widths=[16,32]", "train.epochs=2", "train.progress=false"]
+    rows = {}
+    for name, extra in [
+        ("fp32", []),
+        ("bf16", ["train.precision=bf16"]),
+        ("bf16_cl", ["train.precision=bf16", "train.channels_last=true"]),
+    ]:
+        run = vaelab.train(vaelab.load_config(overrides=[*common, *extra]), tmp_path / name)
+        rows[name] = read_metrics(run)[-1]
+    for name in ["bf16", "bf16_cl"]:
+        assert rows[name]["elbo_nats"] == pytest.approx(rows["fp32"]["elbo_nats"], rel=0.01)
+        assert rows[name]["recon"] == pytest.approx(rows["fp32"]["recon"], rel=0.05)
+    assert rows["bf16"]["recon"] != rows["fp32"]["recon"]  # bf16 really ran in bf16
+
+
+def test_bf16_keeps_the_loss_terms_in_fp32(splits):
+    model = vaelab.models.build(tiny_config().model, (1, 8, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(splits.train.batch(slice(0, 4)))
+    assert out.loss.dtype == out.recon.dtype == out.kl.dtype == out.elbo.dtype == torch.float32
+    with pytest.raises(ConfigError, match="train.precision"):
+        tiny_config("train.precision=fp8")

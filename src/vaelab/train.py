@@ -12,6 +12,7 @@ A resumed run therefore ends with bit-for-bit the weights of an uninterrupted on
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -45,6 +46,8 @@ EpochCallback = Callable[[int, list[dict[str, Any]]], None]
 VAL_SEED = 1234  # the noise used in validation: fixed, so epochs compare like for like
 RESUMABLE_KEYS = (
     "train.epochs",
+    "train.precision",
+    "train.channels_last",
     "train.progress",
     "train.device",
     "train.threads",
@@ -127,6 +130,8 @@ def _session(cfg: RunConfig, splits: Splits | None) -> _Session:
         )
     torch.manual_seed(tc.seed)
     model = models.build(cfg.model, splits.train.shape).to(device)
+    if tc.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr)
     return _Session(cfg, splits, device, model, optimizer, board)
 
@@ -269,9 +274,12 @@ def _epochs(
             x = train_set.batch(order[i * batch_size : (i + 1) * batch_size], device)
             if cfg.data.flip:
                 x = data.random_hflip(x)
+            if tc.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             model.step = counters["step"]
             model.kl_anneal = kl_anneal(tc, counters["step"])
-            out = model(x)
+            with _autocast(tc.precision, device):
+                out = model(x)
             loss = out.loss.mean()
             value = loss.item()  # one sync per step: the NaN check and the progress bar
             if not math.isfinite(value):
@@ -323,6 +331,13 @@ def _epochs(
         if on_epoch_end is not None:
             on_epoch_end(epoch, [train_row, val_row])
     return run
+
+
+def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast for the networks' matmuls and convolutions (validation stays fp32)."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def kl_anneal(tc: TrainConfig, step: int) -> float:

@@ -120,9 +120,11 @@ class GenerativeModel(nn.Module):
 
     # -- generation ---------------------------------------------------------------------
     def decode_logits(self, z: Tensor) -> Tensor:
-        """z (..., d) -> logits (..., C, H, W)."""
+        """z (..., d) -> logits (..., C, H, W), in fp32 even under bf16 autocast: the losses
+        sum thousands of pixels, which bf16's 8-bit mantissa would round away."""
         lead = z.shape[:-1]
-        return self.decoder(z.reshape(-1, z.shape[-1])).view(*lead, *self.shape)
+        logits = self.decoder(z.reshape(-1, z.shape[-1]))
+        return logits.float().reshape(*lead, *self.shape)
 
     def decode(self, z: Tensor) -> Tensor:
         """The decoder's mean image in [0, 1] for latents z (B, d) -> (B, C, H, W)."""
