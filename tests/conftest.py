@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 import vaelab  # noqa: F401  (registers the models)
 from vaelab.config import RunConfig, load_config
@@ -25,6 +26,14 @@ def tiny_config(*overrides: str) -> RunConfig:
         "train.progress=false",
     ]
     return load_config(overrides=[*base, *overrides])
+
+
+def posterior_draw(model, x, seed: int, k: int = 1):
+    """q(z|x) and the k samples of z (k, B, d) that ``model(x)`` drew after manual_seed(seed),
+    to recompute a forward pass's terms by hand."""
+    torch.manual_seed(seed)
+    q = model.encode(x)
+    return q, q.rsample(k)
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
 
-from tests.conftest import tiny_config
+from tests.conftest import posterior_draw, tiny_config
 from vaelab import losses
 from vaelab.models import MODELS, build
 
@@ -53,10 +53,8 @@ def test_vae_terms_are_the_elbo_with_constants():
     x = torch.rand(4, *SHAPE)
     torch.manual_seed(1)
     out = model(x)
-    torch.manual_seed(1)
-    q = model.encode(x)
-    z = q.rsample(1)[0]
-    mean = model.decode(z)
+    q, z = posterior_draw(model, x, seed=1)
+    mean = model.decode(z[0])
     sse = ((x - mean) ** 2).flatten(1).sum(1)
     torch.testing.assert_close(out.recon, sse)  # sigma2 = 1/2: recon is the squared error
     torch.testing.assert_close(out.kl, losses.gaussian_kl(q.mu, q.logvar))
@@ -73,9 +71,7 @@ def test_vae_elbo_matches_torch_distributions_on_rgb(sigma2):
     x = torch.rand(4, *shape)
     torch.manual_seed(1)
     out = model(x)
-    torch.manual_seed(1)
-    q = model.encode(x)
-    z = q.rsample(1)[0]
+    q, (z,) = posterior_draw(model, x, seed=1)
     p_x = Normal(model.decode(z), math.sqrt(sigma2))
     log_px = p_x.log_prob(x).flatten(1).sum(1)
     kl = kl_divergence(Normal(q.mu, q.std), Normal(0.0, 1.0)).sum(1)
@@ -92,9 +88,7 @@ def test_vae_averages_recon_over_mc_samples():
     x = torch.rand(3, *SHAPE)
     torch.manual_seed(5)
     out = model(x)
-    torch.manual_seed(5)
-    q = model.encode(x)
-    z = q.rsample(4)  # (4, B, d)
+    _, z = posterior_draw(model, x, seed=5, k=4)  # (4, B, d)
     sse = ((x - model.decode(z.flatten(0, 1)).view(4, 3, *SHAPE)) ** 2).flatten(2).sum(2)
     torch.testing.assert_close(out.recon, sse.mean(0))
 
@@ -121,8 +115,7 @@ def test_bernoulli_likelihood():
     x = (torch.rand(4, *SHAPE) > 0.5).float()
     torch.manual_seed(3)
     out = model(x)
-    torch.manual_seed(3)
-    z = model.encode(x).rsample(1)[0]
+    _, (z,) = posterior_draw(model, x, seed=3)
     torch.testing.assert_close(out.recon, losses.bernoulli_nll(x, model.decode_logits(z)))
 
 

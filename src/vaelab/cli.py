@@ -52,10 +52,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from vaelab.demo import DEMO_EPOCHS, format_summary, run_demo
+    from vaelab.demo import DEMO_EPOCHS, DEMO_IW_SAMPLES, format_summary, run_demo
 
-    epochs = args.epochs or DEMO_EPOCHS
-    summary = run_demo(args.out, epochs, progress=not args.quiet, iw_samples=args.iw_samples)
+    epochs, iw_samples = args.epochs or DEMO_EPOCHS, args.iw_samples or DEMO_IW_SAMPLES
+    summary = run_demo(args.out, epochs, progress=not args.quiet, iw_samples=iw_samples)
     print(format_summary(summary))
     print(f"figures in {args.out}/<model>/figures/, numbers in {Path(args.out) / 'summary.json'}")
     return 0
@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="decoder-only, VAE and beta-VAE on the embedded MNIST digits")
     p.add_argument("--out", default="runs/demo", help="where the runs go (default: runs/demo)")
     p.add_argument("--epochs", type=int, default=0, help="epochs per model (default: the demo's)")
-    p.add_argument("--iw-samples", type=int, default=50, help="K for the val evaluation")
+    p.add_argument("--iw-samples", type=int, default=0, help="K for the val evaluation (0: 50)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
 
@@ -196,35 +196,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("sample", help="a grid of samples from the prior")
-    p.add_argument("run")
+    def picture(name: str, summary: str) -> argparse.ArgumentParser:
+        """A command that draws one PNG of a run."""
+        p = sub.add_parser(name, help=summary)
+        p.add_argument("run")
+        p.add_argument("--out", required=True, help="PNG file")
+        p.set_defaults(func=cmd_draw)
+        return p
+
+    p = picture("sample", "a grid of samples from the prior")
     p.add_argument("-n", type=int, default=64)
     p.add_argument("--temperature", type=float, default=1.0, help="z ~ N(0, T^2 I)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="PNG file")
-    p.set_defaults(func=cmd_draw)
-
-    p = sub.add_parser("reconstruct", help="real images above their reconstructions")
-    p.add_argument("run")
+    p = picture("reconstruct", "real images above their reconstructions")
     p.add_argument("-n", type=int, default=32)
     p.add_argument("--split", default="val", choices=["train", "val", "test"])
-    p.add_argument("--out", required=True, help="PNG file")
-    p.set_defaults(func=cmd_draw)
-
-    p = sub.add_parser("interpolate", help="latent interpolations between pairs of val images")
-    p.add_argument("run")
+    p = picture("interpolate", "latent interpolations between pairs of val images")
     p.add_argument("--pairs", type=int, default=6)
     p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--out", required=True, help="PNG file")
-    p.set_defaults(func=cmd_draw)
-
-    p = sub.add_parser("traverse", help="one row per most-active latent dimension, -3..3")
-    p.add_argument("run")
+    p = picture("traverse", "one row per most-active latent dimension, -3..3")
     p.add_argument("--dims", type=int, default=8)
     p.add_argument("--steps", type=int, default=9)
     p.add_argument("--limit", type=float, default=3.0)
-    p.add_argument("--out", required=True, help="PNG file")
-    p.set_defaults(func=cmd_draw)
 
     p = sub.add_parser("encode", help="posterior means of a split, as .npy")
     p.add_argument("run")

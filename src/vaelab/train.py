@@ -232,104 +232,87 @@ def _fit(
     rows: list[dict[str, Any]],
     on_epoch_end: EpochCallback | None,
 ) -> Path:
-    tc = session.cfg.train
+    cfg, model, optimizer, device = session.cfg, session.model, session.optimizer, session.device
+    train_set, tc = session.splits.train, cfg.train
     if counters["epoch"] >= tc.epochs:
         print(f"{run}: already trained for {counters['epoch']} of {tc.epochs} epochs")
         return run
 
-    session.board.open(run, counters["step"])
-    try:
-        return _epochs(run, session, counters, rows, on_epoch_end)
-    finally:
-        session.board.close()
-
-
-def _epochs(
-    run: Path,
-    session: _Session,
-    counters: dict[str, Any],
-    rows: list[dict[str, Any]],
-    on_epoch_end: EpochCallback | None,
-) -> Path:
-    cfg, model, optimizer, device = session.cfg, session.model, session.optimizer, session.device
-    train_set, tc = session.splits.train, cfg.train
     n_train = len(train_set)
     batch_size = min(tc.batch_size, n_train)
     # Drop the last partial batch: every step sees the same batch size (batch-norm statistics
     # from a handful of images are noise), and every image is seen within two epochs.
     steps_per_epoch = n_train // batch_size
-    for epoch in range(counters["epoch"] + 1, tc.epochs + 1):
-        start = time.perf_counter()
-        model.train()
-        order = np.random.default_rng([tc.seed, epoch]).permutation(n_train)
-        sums, running = _Sums(), 0.0
-        bar = tqdm(
-            total=steps_per_epoch,
-            desc=f"{cfg.model.name} epoch {epoch}/{tc.epochs}",
-            disable=not tc.progress,
-            leave=False,
-            dynamic_ncols=True,
-        )
-        for i in range(steps_per_epoch):
-            x = train_set.batch(order[i * batch_size : (i + 1) * batch_size], device)
-            if cfg.data.flip:
-                x = data.random_hflip(x)
-            if tc.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            model.step = counters["step"]
-            model.kl_anneal = kl_anneal(tc, counters["step"])
-            with _autocast(tc.precision, device):
-                out = model(x)
-            loss = out.loss.mean()
-            value = loss.item()  # one sync per step: the NaN check and the progress bar
-            if not math.isfinite(value):
-                bar.close()
-                step = counters["step"] + 1
+    session.board.open(run, counters["step"])
+    try:
+        for epoch in range(counters["epoch"] + 1, tc.epochs + 1):
+            start = time.perf_counter()
+            model.train()
+            order = np.random.default_rng([tc.seed, epoch]).permutation(n_train)
+            sums, running = _Sums(), 0.0
+            bar = tqdm(
+                total=steps_per_epoch,
+                desc=f"{cfg.model.name} epoch {epoch}/{tc.epochs}",
+                disable=not tc.progress,
+                leave=False,
+                dynamic_ncols=True,
+            )
+            for i in range(steps_per_epoch):
+                x = train_set.batch(order[i * batch_size : (i + 1) * batch_size], device)
+                if cfg.data.flip:
+                    x = data.random_hflip(x)
+                if tc.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                model.step = counters["step"]
+                model.kl_anneal = kl_anneal(tc, counters["step"])
+                with _autocast(tc.precision, device):
+                    out = model(x)
+                loss = out.loss.mean()
+                value = loss.item()  # one sync per step: the NaN check and the progress bar
+                if not math.isfinite(value):
+                    bar.close()
+                    step = counters["step"] + 1
+                    raise _diverged(
+                        f"loss became {value} at epoch {epoch}, step {step}", run, epoch - 1
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                for group in optimizer.param_groups:
+                    group["lr"] = learning_rate(tc, counters["step"], tc.epochs * steps_per_epoch)
+                optimizer.step()
+                counters["step"] += 1
+                sums.add(out)
+                running += (value - running) / (i + 1)
+                bar.update(1)
+                bar.set_postfix(loss=f"{running:.2f}", refresh=False)
+            bar.close()
+            # A finite loss can still come with non-finite gradients; such weights are never saved.
+            if not _all_finite(model):
                 raise _diverged(
-                    f"loss became {value} at epoch {epoch}, step {step}", run, epoch - 1
+                    f"the weights became non-finite in epoch {epoch} (by step {counters['step']})",
+                    run,
+                    epoch - 1,
                 )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(tc, counters["step"], tc.epochs * steps_per_epoch)
-            optimizer.step()
-            counters["step"] += 1
-            sums.add(out)
-            running += (value - running) / (i + 1)
-            bar.update(1)
-            bar.set_postfix(loss=f"{running:.2f}", refresh=False)
-        bar.close()
-        # A finite loss can still come with non-finite gradients; such weights are never saved.
-        if not _all_finite(model):
-            raise _diverged(
-                f"the weights became non-finite in epoch {epoch} (by step {counters['step']})",
-                run,
-                epoch - 1,
-            )
-        counters["seconds"] += time.perf_counter() - start
-        train_row = _row("train", epoch, counters, sums.means(), model)
-        start = time.perf_counter()
-        val_means = evaluate_split(model, session.splits.val, batch_size, device)
-        counters["seconds"] += time.perf_counter() - start
-        val_row = _row("val", epoch, counters, val_means, model)
-        counters["epoch"] = epoch
-        rows += [train_row, val_row]
-        # Metrics first, state last: a crash in between leaves extra rows that resume drops,
-        # never a checkpoint whose metrics are missing.
-        atomic_write(run / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-        save_weights(run, model, {"epoch": epoch, "step": counters["step"]})
-        save_train_state(run, model, optimizer, counters)
-        session.board.epoch([train_row, val_row], model, session.splits.val)
-        if tc.progress:
-            print(
-                f"{cfg.model.name} epoch {epoch}/{tc.epochs}: train loss {train_row['loss']:.2f}"
-                f" | val loss {val_row['loss']:.2f} recon {val_row['recon']:.2f}"
-                f" kl {_fmt(val_row['kl'])} elbo {val_row['elbo_nats']:.2f} nats"
-                f" ({val_row['bpd']:.3f} bpd)",
-                flush=True,
-            )
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, [train_row, val_row])
+            counters["seconds"] += time.perf_counter() - start
+            train_row = _row("train", epoch, counters, sums.means(), model)
+            start = time.perf_counter()
+            val_means = evaluate_split(model, session.splits.val, batch_size, device)
+            counters["seconds"] += time.perf_counter() - start
+            val_row = _row("val", epoch, counters, val_means, model)
+            counters["epoch"] = epoch
+            rows += [train_row, val_row]
+            # Metrics first, state last: a crash in between leaves extra rows that resume drops,
+            # never a checkpoint whose metrics are missing.
+            atomic_write(run / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+            save_weights(run, model, {"epoch": epoch, "step": counters["step"]})
+            save_train_state(run, model, optimizer, counters)
+            session.board.epoch([train_row, val_row], model, session.splits.val)
+            if tc.progress:
+                print(_epoch_line(cfg.model.name, epoch, tc.epochs, train_row, val_row), flush=True)
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, [train_row, val_row])
+    finally:
+        session.board.close()
     return run
 
 
@@ -354,6 +337,16 @@ def learning_rate(tc: TrainConfig, step: int, total_steps: int) -> float:
     if tc.lr_schedule == "cosine":
         return tc.lr * 0.5 * (1.0 + math.cos(math.pi * min(step / total_steps, 1.0)))
     return tc.lr
+
+
+def _epoch_line(
+    name: str, epoch: int, epochs: int, train: dict[str, Any], val: dict[str, Any]
+) -> str:
+    return (
+        f"{name} epoch {epoch}/{epochs}: train loss {train['loss']:.2f} | val loss "
+        f"{val['loss']:.2f} recon {val['recon']:.2f} kl {_fmt(val['kl'])} elbo "
+        f"{val['elbo_nats']:.2f} nats ({val['bpd']:.3f} bpd)"
+    )
 
 
 def _fmt(v: float | None) -> str:
