@@ -51,7 +51,8 @@ def test_divergence_is_a_one_line_error(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(VAE, "forward", forward)
     assert main(["train", "--out", str(tmp_path / "r"), *FAST, "train.epochs=1"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("vaelab: error: loss became inf at epoch 1, step 1;")
+    # The loss is read every train.log_every steps (50): the first window is steps 1 to 35.
+    assert err.startswith("vaelab: error: loss became nan at epoch 1, between steps 1 and 35;")
     assert err.count("\n") == 1
 
 

@@ -95,7 +95,7 @@ def test_resume_can_extend_but_not_change_the_run(tmp_path, splits):
 
 
 def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(tmp_path, splits, monkeypatch):
-    cfg = tiny_config("train.epochs=3")
+    cfg = tiny_config("train.epochs=3", "train.log_every=1")  # the loss read at every step
     run = tmp_path / "run"
     original = VAE.forward
     calls = {"n": 0}

@@ -23,9 +23,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from vaelab import data, models
+from vaelab import data, distributed, models
 from vaelab.checkpoint import (
     STATE_FILE,
     CheckpointError,
@@ -39,8 +40,10 @@ from vaelab.checkpoint import (
 )
 from vaelab.config import ConfigError, RunConfig, TrainConfig, dump_yaml, load_config, to_dict
 from vaelab.data import ImageDataset, Splits
+from vaelab.data.base import DeviceImages
+from vaelab.distributed import World
 from vaelab.models.base import GenerativeModel
-from vaelab.rng import seeded
+from vaelab.rng import noise_shard, seeded
 
 EpochCallback = Callable[[int, list[dict[str, Any]]], None]
 VAL_SEED = 1234  # the noise used in validation: fixed, so epochs compare like for like
@@ -48,6 +51,9 @@ RESUMABLE_KEYS = (
     "train.epochs",
     "train.precision",
     "train.channels_last",
+    "train.compile",
+    "train.fused_adam",
+    "train.log_every",
     "train.progress",
     "train.device",
     "train.threads",
@@ -110,30 +116,56 @@ class _Session:
     cfg: RunConfig
     splits: Splits
     device: torch.device
-    model: GenerativeModel
+    world: World
+    model: GenerativeModel  # the model itself: what is saved and evaluated
+    forward: Callable[[torch.Tensor], models.ModelOutput]  # DDP / compiled wrapper, or model
     optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
     board: _Board
+    eager: Callable[[torch.Tensor], models.ModelOutput]  # ``forward`` without torch.compile
+    compile_pending: bool  # train.compile is on and the first (compiling) step has not run
 
 
 def _session(cfg: RunConfig, splits: Splits | None) -> _Session:
-    """Device, data, model and optimizer: everything that can fail on bad input."""
+    """Device, process group, data, model and optimizer: everything that can fail on bad input."""
     tc = cfg.train
     if tc.threads:
         torch.set_num_threads(tc.threads)
-    device = _device(tc.device)
-    board = _Board(tc.tensorboard)
+    world = distributed.from_environment()
+    device = _device(tc.device, world)
+    if tc.batch_size % world.size:
+        raise ConfigError(
+            f"config key 'train.batch_size': the global batch is split over {world.size} "
+            f"processes, expected a multiple of {world.size}, got {tc.batch_size}"
+        )
+    if tc.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"config key 'train.precision': bf16 is not supported on {device}")
+    board = _Board(tc.tensorboard and world.is_main)
     splits = splits if splits is not None else data.build(cfg.data, progress=tc.progress)
     if tc.kl_warmup_steps and not models.MODELS[cfg.model.name].supports_kl_warmup:
         raise ConfigError(
             f"config key 'train.kl_warmup_steps': expected 0 for model '{cfg.model.name}' "
             "(its objective has no KL weight to warm up)"
         )
-    torch.manual_seed(tc.seed)
+    distributed.init(world, device)
+    torch.manual_seed(tc.seed)  # the same on every rank: same weights, same noise
     model = models.build(cfg.model, splits.train.shape).to(device)
     if tc.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr)
-    return _Session(cfg, splits, device, model, optimizer, board)
+    forward: Any = model
+    if world.distributed:
+        distributed.sync_batchnorm(model, device)
+        forward = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    eager = forward
+    if tc.compile:
+        forward = torch.compile(forward)
+    optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr, fused=tc.fused_adam or None)
+    scaler = torch.amp.GradScaler(device.type, enabled=tc.precision == "fp16")
+    return _Session(
+        cfg, splits, device, world, model, forward, optimizer, scaler, board, eager, tc.compile
+    )
 
 
 def train(
@@ -146,7 +178,7 @@ def train(
     """Train a new run into ``out`` (which must not already hold a run); return its path.
 
     Bad input (a device that is not there, data that cannot be read) fails before the run
-    directory is created.
+    directory is created. Under torchrun every process calls this; only rank 0 writes.
     """
     run = Path(out)
     if (run / "config.yaml").exists():
@@ -154,9 +186,11 @@ def train(
     if run.exists() and not run.is_dir():
         raise NotADirectoryError(f"'{run}' exists and is not a directory")
     session = _session(cfg, splits)
-    run.mkdir(parents=True, exist_ok=True)
-    save_model_config(run, session.model, {"data": to_dict(cfg.data)})
-    atomic_write(run / "config.yaml", dump_yaml(cfg))  # last: it marks the folder as a run
+    distributed.barrier(session.world)  # every rank has checked `out` before rank 0 writes it
+    if session.world.is_main:
+        run.mkdir(parents=True, exist_ok=True)
+        save_model_config(run, session.model, {"data": to_dict(cfg.data)})
+        atomic_write(run / "config.yaml", dump_yaml(cfg))  # last: it marks the folder as a run
     return _fit(run, session, {"epoch": 0, "step": 0, "seconds": 0.0}, [], on_epoch_end)
 
 
@@ -169,7 +203,8 @@ def resume(
 ) -> Path:
     """Continue an interrupted run from its last checkpoint, or extend it (train.epochs=N).
 
-    An interrupted run resumed as it was ends with exactly the weights of an uninterrupted one.
+    An interrupted run resumed as it was ends with exactly the weights of an uninterrupted one,
+    on the same number of processes or another (up to summation order across processes).
     Extending a run with train.lr_schedule=cosine stretches the rest of its schedule to the new
     length, so it ends elsewhere than a run planned that long from the start.
     """
@@ -185,11 +220,11 @@ def resume(
             )
     cfg = load_config(run / "config.yaml", overrides)
     session = _session(cfg, splits)
-    remove_stale_temporaries(run)
     counters: dict[str, Any] = {"epoch": 0, "step": 0, "seconds": 0.0}
     rows: list[dict[str, Any]] = []
     if (run / STATE_FILE).is_file():
         counters = load_train_state(run, session.model, session.optimizer)
+        session.scaler.load_state_dict(counters.pop("grad_scaler", {}))
         # Rows logged after the checkpoint (a crash between the two writes) are dropped.
         rows = [r for r in read_metrics(run) if r["epoch"] <= counters["epoch"]]
     if cfg.train.epochs < counters["epoch"]:
@@ -197,16 +232,23 @@ def resume(
             f"config key 'train.epochs': '{run}' has finished {counters['epoch']} epochs, "
             f"expected at least that many, got {cfg.train.epochs}"
         )
-    if overrides:
-        atomic_write(run / "config.yaml", dump_yaml(cfg))
+    distributed.barrier(session.world)  # every rank has read the run before rank 0 writes
+    if session.world.is_main:
+        remove_stale_temporaries(run)
+        if overrides:
+            atomic_write(run / "config.yaml", dump_yaml(cfg))
     return _fit(run, session, counters, rows, on_epoch_end)
 
 
-def _device(name: str) -> torch.device:
+def _device(name: str, world: World) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("config key 'train.device': cuda was asked for but none is available")
+    if name == "cuda":
+        device = torch.device("cuda", world.local_rank if world.distributed else 0)
+        torch.cuda.set_device(device)
+        return device
     return torch.device(name)
 
 
@@ -232,59 +274,75 @@ def _fit(
     rows: list[dict[str, Any]],
     on_epoch_end: EpochCallback | None,
 ) -> Path:
-    cfg, model, optimizer, device = session.cfg, session.model, session.optimizer, session.device
+    cfg, model, device, world = session.cfg, session.model, session.device, session.world
     train_set, tc = session.splits.train, cfg.train
     if counters["epoch"] >= tc.epochs:
-        print(f"{run}: already trained for {counters['epoch']} of {tc.epochs} epochs")
+        if world.is_main:
+            print(f"{run}: already trained for {counters['epoch']} of {tc.epochs} epochs")
         return run
 
     n_train = len(train_set)
-    batch_size = min(tc.batch_size, n_train)
+    # The global batch; every rank computes rows rank::world of it (batch_size divides evenly).
+    batch_size = min(tc.batch_size, n_train - n_train % world.size)
     # Drop the last partial batch: every step sees the same batch size (batch-norm statistics
     # from a handful of images are noise), and every image is seen within two epochs.
     steps_per_epoch = n_train // batch_size
-    session.board.open(run, counters["step"])
+    total_steps = tc.epochs * steps_per_epoch
+    # On a GPU the uint8 images live on it: a batch is an index, a gather and a division there.
+    source: ImageDataset | DeviceImages = (
+        DeviceImages(train_set, device) if DeviceImages.fits(train_set, device) else train_set
+    )
+    show = tc.progress and world.is_main
+    if world.is_main:
+        session.board.open(run, counters["step"])
     try:
         for epoch in range(counters["epoch"] + 1, tc.epochs + 1):
             start = time.perf_counter()
             model.train()
             order = np.random.default_rng([tc.seed, epoch]).permutation(n_train)
-            sums, running = _Sums(), 0.0
+            order = order[: steps_per_epoch * batch_size].reshape(steps_per_epoch, batch_size)
+            mine = torch.from_numpy(order[:, world.rank :: world.size].copy())
+            if isinstance(source, DeviceImages):
+                mine = mine.to(device)
+            sums = _Sums()
             bar = tqdm(
                 total=steps_per_epoch,
                 desc=f"{cfg.model.name} epoch {epoch}/{tc.epochs}",
-                disable=not tc.progress,
+                disable=not show,
                 leave=False,
                 dynamic_ncols=True,
             )
+            window, window_start = torch.zeros((), device=device, dtype=torch.float64), 0
             for i in range(steps_per_epoch):
-                x = train_set.batch(order[i * batch_size : (i + 1) * batch_size], device)
-                if cfg.data.flip:
-                    x = data.random_hflip(x)
-                if tc.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                model.step = counters["step"]
-                model.kl_anneal = kl_anneal(tc, counters["step"])
-                with _autocast(tc.precision, device):
-                    out = model(x)
-                loss = out.loss.mean()
-                value = loss.item()  # one sync per step: the NaN check and the progress bar
-                if not math.isfinite(value):
-                    bar.close()
-                    step = counters["step"] + 1
-                    raise _diverged(
-                        f"loss became {value} at epoch {epoch}, step {step}", run, epoch - 1
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                for group in optimizer.param_groups:
-                    group["lr"] = learning_rate(tc, counters["step"], tc.epochs * steps_per_epoch)
-                optimizer.step()
+                step = counters["step"]
+                x = source.batch(mine[i], device)
+                with noise_shard(world.rank, world.size, batch_size):
+                    if cfg.data.flip:
+                        x = data.random_hflip(x)
+                    if tc.channels_last:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    out = _step(session, x, step, total_steps)
                 counters["step"] += 1
                 sums.add(out)
-                running += (value - running) / (i + 1)
+                window += out.loss.detach().sum()
                 bar.update(1)
-                bar.set_postfix(loss=f"{running:.2f}", refresh=False)
+                if (i + 1) % tc.log_every == 0 or i + 1 == steps_per_epoch:
+                    # The only host-device synchronisation of the loop: every log_every steps.
+                    n = (i + 1 - window_start) * batch_size
+                    value = distributed.all_sum(window, world).item() / n
+                    if not math.isfinite(value):
+                        bar.close()
+                        first = counters["step"] - (i - window_start)
+                        where = (
+                            f"step {first}"
+                            if first == counters["step"]
+                            else f"between steps {first} and {counters['step']}"
+                        )
+                        raise _diverged(
+                            f"loss became {value} at epoch {epoch}, {where}", run, epoch - 1
+                        )
+                    bar.set_postfix(loss=f"{value:.2f}", refresh=False)
+                    window, window_start = torch.zeros_like(window), i + 1
             bar.close()
             # A finite loss can still come with non-finite gradients; such weights are never saved.
             if not _all_finite(model):
@@ -294,32 +352,96 @@ def _fit(
                     epoch - 1,
                 )
             counters["seconds"] += time.perf_counter() - start
-            train_row = _row("train", epoch, counters, sums.means(), model)
+            train_row = _row("train", epoch, counters, sums.means(world), model)
             start = time.perf_counter()
-            val_means = evaluate_split(model, session.splits.val, batch_size, device)
+            val_means = evaluate_split(model, session.splits.val, batch_size, device, world=world)
             counters["seconds"] += time.perf_counter() - start
             val_row = _row("val", epoch, counters, val_means, model)
             counters["epoch"] = epoch
             rows += [train_row, val_row]
-            # Metrics first, state last: a crash in between leaves extra rows that resume drops,
-            # never a checkpoint whose metrics are missing.
-            atomic_write(run / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-            save_weights(run, model, {"epoch": epoch, "step": counters["step"]})
-            save_train_state(run, model, optimizer, counters)
-            session.board.epoch([train_row, val_row], model, session.splits.val)
-            if tc.progress:
-                print(_epoch_line(cfg.model.name, epoch, tc.epochs, train_row, val_row), flush=True)
-            if on_epoch_end is not None:
-                on_epoch_end(epoch, [train_row, val_row])
+            if world.is_main:
+                _write_epoch(run, session, counters, rows)
+                if show:
+                    print(
+                        _epoch_line(cfg.model.name, epoch, tc.epochs, train_row, val_row),
+                        flush=True,
+                    )
+                if on_epoch_end is not None:
+                    on_epoch_end(epoch, [train_row, val_row])
     finally:
         session.board.close()
+    distributed.barrier(world)  # no rank leaves before rank 0 has written the last epoch
     return run
 
 
+def _step(session: _Session, x: torch.Tensor, step: int, total_steps: int) -> models.ModelOutput:
+    """One optimizer step on batch ``x``: forward under autocast, the mean loss backward (scaled
+    for fp16), Adam. No host-device synchronisation. With train.compile the first step compiles;
+    if compiling fails, the step is redone without it and training goes on, with a message."""
+    tc, model, optimizer, scaler = (
+        session.cfg.train,
+        session.model,
+        session.optimizer,
+        session.scaler,
+    )
+    model.step = step
+    model.kl_anneal = kl_anneal(tc, step)
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate(tc, step, total_steps)
+    compiling = session.compile_pending
+    rng = _rng_states(session.device) if compiling else None
+    try:
+        with _autocast(tc.precision, session.device):
+            out = session.forward(x)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(out.loss.mean()).backward()
+    except Exception as err:  # torch.compile fails in many ways (no C++ compiler, an op)
+        if not compiling:
+            raise
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        print(f"train.compile: torch.compile failed ({type(err).__name__}: {first}); "
+              "training without it")  # fmt: skip
+        session.forward, session.compile_pending = session.eager, False
+        _set_rng_states(session.device, rng)
+        return _step(session, x, step, total_steps)
+    session.compile_pending = False
+    scaler.step(optimizer)
+    scaler.update()
+    return out
+
+
+def _rng_states(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_states(device: torch.device, states: Any) -> None:
+    torch.set_rng_state(states[0])
+    if states[1] is not None:
+        torch.cuda.set_rng_state(states[1], device)
+
+
+def _write_epoch(
+    run: Path, session: _Session, counters: dict[str, Any], rows: list[dict[str, Any]]
+) -> None:
+    """Rank 0's writes at the end of an epoch. Metrics first, state last: a crash in between
+    leaves extra rows that resume drops, never a checkpoint whose metrics are missing."""
+    model, epoch = session.model, counters["epoch"]
+    atomic_write(run / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    save_weights(run, model, {"epoch": epoch, "step": counters["step"]})
+    state = dict(counters)
+    if session.scaler.is_enabled():
+        state["grad_scaler"] = session.scaler.state_dict()
+    save_train_state(run, model, session.optimizer, state)
+    session.board.epoch(rows[-2:], model, session.splits.val)
+
+
 def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast for the networks' matmuls and convolutions (validation stays fp32)."""
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+    """Autocast for the networks' matmuls and convolutions in bf16 or fp16 (validation stays
+    fp32; the models cast logits and posterior parameters to fp32 before any loss term)."""
+    if precision in ("bf16", "fp16"):
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        return torch.autocast(device.type, dtype=dtype)
     return contextlib.nullcontext()
 
 
@@ -371,9 +493,15 @@ class _Sums:
                 total = t.detach().double().sum()
                 self.totals[name] = self.totals[name] + total if name in self.totals else total
 
-    def means(self) -> dict[str, float | None]:
-        """Per-image means; None for a term the model does not have (kl of decoder_only)."""
-        return {k: (self.totals[k] / self.n).item() if k in self.totals else None for k in TERMS}
+    def means(self, world: World | None = None) -> dict[str, float | None]:
+        """Per-image means over all ranks; None for a term the model does not have (kl of
+        decoder_only). One synchronisation."""
+        names = [k for k in TERMS if k in self.totals]
+        device = self.totals[names[0]].device
+        n = torch.tensor([float(self.n)], dtype=torch.float64, device=device)
+        packed = torch.cat([*(self.totals[k].reshape(1) for k in names), n])
+        packed = distributed.all_sum(packed, world or World()).tolist()
+        return {k: packed[names.index(k)] / packed[-1] if k in names else None for k in TERMS}
 
 
 def _row(
@@ -398,13 +526,27 @@ def evaluate_split(
     batch_size: int,
     device: str | torch.device = "cpu",
     seed: int = VAL_SEED,
+    *,
+    world: World | None = None,
 ) -> dict[str, float | None]:
-    """Per-image means of the model's terms over a whole split, in eval mode, seeded noise."""
+    """Per-image means of the model's terms over a whole split, in eval mode, seeded noise.
+
+    Under torchrun each rank computes rows rank::world of every batch (with that batch's noise,
+    as in one process) and the sums are added over ranks.
+    """
+    world = world or World()
     was_training = model.training
     model.eval()
     sums = _Sums()
     with seeded(seed):
         for i in range(0, len(dataset), batch_size):
-            sums.add(model(dataset.batch(slice(i, i + batch_size), device)))
+            n = min(batch_size, len(dataset) - i)
+            mine = (
+                np.arange(i + world.rank, i + n, world.size)
+                if world.distributed
+                else slice(i, i + n)
+            )
+            with noise_shard(world.rank, world.size, n):
+                sums.add(model(dataset.batch(mine, device)))
     model.train(was_training)
-    return sums.means()
+    return sums.means(world)

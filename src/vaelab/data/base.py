@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from vaelab.rng import batch_rand
+
 log = logging.getLogger("vaelab")
 
 
@@ -95,9 +97,7 @@ class ImageDataset:
         if isinstance(index, Tensor):
             index = index.cpu().numpy()
         raw = torch.from_numpy(np.ascontiguousarray(self.uint8(index))).to(device)
-        if self.binarize:
-            return (raw.permute(0, 3, 1, 2) >= 128).float()
-        return raw.permute(0, 3, 1, 2).float().div_(255.0)
+        return to_float(raw, self.binarize)
 
     def subset(self, index: np.ndarray) -> ImageDataset:
         """A view of positions ``index`` of this dataset (no copy of the images)."""
@@ -113,6 +113,39 @@ class ImageDataset:
         )
 
 
+def to_float(raw: Tensor, binarize: bool) -> Tensor:
+    """(B, H, W, C) uint8 -> (B, C, H, W) float in [0, 1] (or {0, 1} when ``binarize``)."""
+    if binarize:
+        return (raw.permute(0, 3, 1, 2) >= 128).float()
+    return raw.permute(0, 3, 1, 2).float().div_(255.0)
+
+
+class DeviceImages:
+    """A dataset's uint8 images copied once to ``device`` (a GPU); batches are indexed and
+    normalised there, so a training step moves no image across the bus. Same ``batch`` as
+    ImageDataset, with indices given as a tensor or slice."""
+
+    def __init__(self, dataset: ImageDataset, device: torch.device) -> None:
+        rows = np.ascontiguousarray(dataset.uint8(slice(None)))
+        self.images = torch.from_numpy(rows).to(device)
+        self.binarize = dataset.binarize
+        self.device = device
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def batch(self, index: Tensor | slice, device: str | torch.device | None = None) -> Tensor:
+        return to_float(self.images[index], self.binarize)
+
+    @staticmethod
+    def fits(dataset: ImageDataset, device: torch.device) -> bool:
+        """Whether the images take under a quarter of the device's free memory."""
+        if device.type != "cuda":
+            return False
+        free, _ = torch.cuda.mem_get_info(device)
+        return len(dataset) * int(np.prod(dataset.images.shape[1:])) < free // 4
+
+
 @dataclass(frozen=True)
 class Splits:
     train: ImageDataset
@@ -123,7 +156,7 @@ class Splits:
 
 def random_hflip(x: Tensor) -> Tensor:
     """Flip each image of (B, C, H, W) left-right with probability 1/2 (torch's global RNG)."""
-    flip = torch.rand(x.shape[0], device=x.device) < 0.5
+    flip = batch_rand((x.shape[0],), 0, device=x.device) < 0.5
     return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 

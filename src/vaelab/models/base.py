@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from vaelab import losses
 from vaelab.config import ModelConfig
 from vaelab.nets import build_decoder
+from vaelab.rng import batch_randn
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ class DiagonalGaussian:
 
     def rsample(self, m: int = 1) -> Tensor:
         """Reparameterised samples z = mu + sigma * eps, (m, B, d)."""
-        eps = torch.randn((m, *self.mu.shape), dtype=self.mu.dtype, device=self.mu.device)
+        eps = batch_randn((m, *self.mu.shape), 1, dtype=self.mu.dtype, device=self.mu.device)
         return self.mu + self.std * eps
 
     def mode(self) -> Tensor:

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from vaelab import losses
 from vaelab.config import ModelConfig, require
 from vaelab.models import register
 from vaelab.models.base import GenerativeModel, ModelOutput
+from vaelab.rng import batch_randn
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class DecoderOnlyConfig(ModelConfig):
 class DecoderOnly(GenerativeModel):
     def forward(self, x: Tensor) -> ModelOutput:
         m, b = self.cfg.mc_samples, x.shape[0]
-        z = torch.randn(m, b, self.cfg.latent_dim, device=x.device, dtype=x.dtype)  # (m, B, d)
+        z = batch_randn((m, b, self.cfg.latent_dim), 1, device=x.device, dtype=x.dtype)  # (m, B, d)
         logits = self.decode_logits(z)  # (m, B, C, H, W)
         recon, nll = self.recon_terms(x, logits)  # (m, B) each
         log_px = losses.log_mean_exp(-nll, dim=0)  # (B,)
