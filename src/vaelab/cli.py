@@ -36,18 +36,24 @@ def _split_args(items: list[str]) -> tuple[str | None, list[str]]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    """One process, or one of torchrun's (``torchrun --nproc_per_node N -m vaelab train ...``)."""
+    from vaelab import distributed
     from vaelab.train import resume, train
 
     path, overrides = _split_args(args.items)
-    if args.resume:
-        if path is not None:
-            raise ConfigError("--resume reads the run's own config.yaml: give no config file")
-        run = resume(args.resume, overrides)
-    else:
-        if args.out is None:
-            raise ConfigError("vaelab train needs --out RUN (or --resume RUN)")
-        run = train(load_config(path, overrides), args.out)
-    print(f"run: {run}")
+    try:
+        if args.resume:
+            if path is not None:
+                raise ConfigError("--resume reads the run's own config.yaml: give no config file")
+            run = resume(args.resume, overrides)
+        else:
+            if args.out is None:
+                raise ConfigError("vaelab train needs --out RUN (or --resume RUN)")
+            run = train(load_config(path, overrides), args.out)
+    finally:
+        distributed.close()
+    if distributed.from_environment().is_main:
+        print(f"run: {run}")
     return 0
 
 

@@ -95,7 +95,8 @@ class TrainConfig:
     seed: int = 0  # seeds initialisation, shuffling and the model's noise
     device: str = "cpu"  # cpu | cuda | auto
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast for the networks; losses stay fp32)
+    # fp32 | bf16 | fp16 (autocast for the networks; losses stay fp32) | fp64 (numerical checks)
+    precision: str = "fp32"
     channels_last: bool = False  # NHWC memory format for conv networks
     compile: bool = False  # torch.compile the model (falls back to eager, with a message)
     fused_adam: bool = True  # Adam's fused kernel (false: torch's default implementation)
@@ -112,7 +113,11 @@ class TrainConfig:
             self.lr_schedule in ("constant", "cosine"), "train.lr_schedule", "constant or cosine"
         )
         require(self.device in ("cpu", "cuda", "auto"), "train.device", "cpu, cuda or auto")
-        require(self.precision in ("fp32", "bf16", "fp16"), "train.precision", "fp32, bf16 or fp16")
+        require(
+            self.precision in ("fp32", "bf16", "fp16", "fp64"),
+            "train.precision",
+            "fp32, bf16, fp16 or fp64",
+        )
         require(self.log_every >= 1, "train.log_every", "an integer >= 1")
         require(self.threads >= 0, "train.threads", "an integer >= 0")
         require(self.kl_warmup_steps >= 0, "train.kl_warmup_steps", "an integer >= 0")

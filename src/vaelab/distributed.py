@@ -101,7 +101,7 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: Tensor) -> Tensor:
         if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
-        x = x.float()  # statistics in fp32 under autocast too
+        x = x.float() if x.dtype in (torch.bfloat16, torch.float16) else x  # fp32 stats
         dims = (0, 2, 3)
         count = torch.full((1,), x.numel() // x.shape[1], dtype=x.dtype, device=x.device)
         stats = differentiable_all_reduce(torch.cat([x.sum(dims), count]))
@@ -128,7 +128,7 @@ def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
         if type(child) is nn.BatchNorm2d:
             synced = GlobalBatchNorm2d(
                 child.num_features, child.eps, child.momentum, child.affine, True
-            ).to(child.weight.device)
+            ).to(child.weight.device, child.weight.dtype)
             synced.load_state_dict(child.state_dict())
             setattr(model, name, synced)
         else:

@@ -16,6 +16,12 @@ from torch import Tensor
 LOG_2PI = math.log(2.0 * math.pi)
 
 
+def full_precision(t: Tensor) -> Tensor:
+    """``t`` in fp32 if it is in a half type (from autocast), else unchanged (fp32, fp64): the
+    loss terms are never computed in bf16 or fp16."""
+    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
+
+
 def _per_image(t: Tensor) -> Tensor:
     """Sum everything but the leading (batch) dimension."""
     return t.flatten(1).sum(1)

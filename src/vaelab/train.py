@@ -141,15 +141,23 @@ def _session(cfg: RunConfig, splits: Splits | None) -> _Session:
     if tc.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ConfigError(f"config key 'train.precision': bf16 is not supported on {device}")
     board = _Board(tc.tensorboard and world.is_main)
-    splits = splits if splits is not None else data.build(cfg.data, progress=tc.progress)
     if tc.kl_warmup_steps and not models.MODELS[cfg.model.name].supports_kl_warmup:
         raise ConfigError(
             f"config key 'train.kl_warmup_steps': expected 0 for model '{cfg.model.name}' "
             "(its objective has no KL weight to warm up)"
         )
     distributed.init(world, device)
+    if splits is None:
+        # Rank 0 first: it fills the preprocessing cache that the other ranks then read.
+        if world.is_main:
+            splits = data.build(cfg.data, progress=tc.progress)
+        distributed.barrier(world)
+        if not world.is_main:
+            splits = data.build(cfg.data, progress=False)
     torch.manual_seed(tc.seed)  # the same on every rank: same weights, same noise
     model = models.build(cfg.model, splits.train.shape).to(device)
+    if tc.precision == "fp64":
+        model = model.double()
     if tc.channels_last:
         model = model.to(memory_format=torch.channels_last)
     forward: Any = model
@@ -293,6 +301,7 @@ def _fit(
         DeviceImages(train_set, device) if DeviceImages.fits(train_set, device) else train_set
     )
     show = tc.progress and world.is_main
+    dtype = torch.float64 if tc.precision == "fp64" else torch.float32
     if world.is_main:
         session.board.open(run, counters["step"])
     try:
@@ -315,7 +324,7 @@ def _fit(
             window, window_start = torch.zeros((), device=device, dtype=torch.float64), 0
             for i in range(steps_per_epoch):
                 step = counters["step"]
-                x = source.batch(mine[i], device)
+                x = source.batch(mine[i], device).to(dtype)
                 with noise_shard(world.rank, world.size, batch_size):
                     if cfg.data.flip:
                         x = data.random_hflip(x)
@@ -535,6 +544,7 @@ def evaluate_split(
     as in one process) and the sums are added over ranks.
     """
     world = world or World()
+    dtype = next(model.parameters()).dtype  # fp64 for a train.precision=fp64 run, else fp32
     was_training = model.training
     model.eval()
     sums = _Sums()
@@ -547,6 +557,6 @@ def evaluate_split(
                 else slice(i, i + n)
             )
             with noise_shard(world.rank, world.size, n):
-                sums.add(model(dataset.batch(mine, device)))
+                sums.add(model(dataset.batch(mine, device).to(dtype)))
     model.train(was_training)
     return sums.means(world)

@@ -125,7 +125,7 @@ class GenerativeModel(nn.Module):
         sum thousands of pixels, which bf16's 8-bit mantissa would round away."""
         lead = z.shape[:-1]
         logits = self.decoder(z.reshape(-1, z.shape[-1]))
-        return logits.float().reshape(*lead, *self.shape)
+        return losses.full_precision(logits).reshape(*lead, *self.shape)
 
     def decode(self, z: Tensor) -> Tensor:
         """The decoder's mean image in [0, 1] for latents z (B, d) -> (B, C, H, W)."""

@@ -28,7 +28,7 @@ class VAE(GenerativeModel):
         self.encoder = build_encoder(cfg, self.shape, 2 * cfg.latent_dim)
 
     def encode(self, x: Tensor) -> DiagonalGaussian:
-        mu, logvar = self.encoder(x).float().chunk(2, dim=-1)  # (B, d) each, fp32 for the KL
+        mu, logvar = losses.full_precision(self.encoder(x)).chunk(2, dim=-1)  # (B, d) each
         return DiagonalGaussian(mu, logvar)
 
     def log_weights(self, x: Tensor, k: int) -> Tensor:
