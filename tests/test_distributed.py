@@ -2,9 +2,9 @@
 
 The runs use train.precision=fp64: in fp32, Adam's first steps are nearly sign steps, so a weight
 whose gradient is a cancellation of large terms moves by +lr or -lr depending on summation
-order, and two correct implementations differ by 2 x lr in that weight. In fp64 rounding is 1e9 times
-smaller (the two runs end about 1e-7 apart), and the comparison checks the algorithm: sharding,
-noise, gradient averaging and batch-norm statistics across ranks.
+order, and two correct implementations differ by 2 x lr in that weight. In fp64 rounding is
+1e9 times smaller (the two runs end about 1e-7 apart), and the comparison checks the algorithm:
+sharding, noise, gradient averaging and batch-norm statistics across ranks.
 """
 
 import json
@@ -76,10 +76,13 @@ def test_two_processes_train_the_same_weights_as_one(one_process, tmp_path):
     start = {k: v.double() for k, v in models.build(cfg, (1, 28, 28)).state_dict().items()}
     assert _max_diff(start, one) > 1e-2
     # Batch-norm running statistics are those of the global batch on every rank.
-    assert _max_diff(
-        {k: v for k, v in one.items() if "running" in k},
-        {k: v for k, v in two.items() if "running" in k},
-    ) < 1e-6
+    assert (
+        _max_diff(
+            {k: v for k, v in one.items() if "running" in k},
+            {k: v for k, v in two.items() if "running" in k},
+        )
+        < 1e-6
+    )
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     ref = [json.loads(line) for line in (one_process / "metrics.jsonl").read_text().splitlines()]
     assert [(r["split"], r["epoch"], r["step"]) for r in rows] == [
