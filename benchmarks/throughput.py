@@ -1,124 +1,365 @@
-"""Training throughput of vaelab's VAE on the CelebA-64 network (run by hand, not a test).
+"""Training and evaluation throughput of vaelab beside the peers' loops (run by hand, not a test).
 
-A first version for issue 6: training images/s (forward + loss + backward + Adam step) at
-batch 64 in fp32, channels-last, bf16 autocast and both; forward FLOPs per image from
-torch.utils.flop_counter; the machine's matmul peak (fp32 and bf16) measured in the same run;
-medians of --reps repetitions after warm-up. Not yet: the peers' own loops (pythae), batch 144,
-evaluation images/s, the CPU-idle check.
+For each network (the CelebA-64 conv VAE of configs/celeba_vae.yaml, the default MNIST conv VAE)
+and batch size, the same network is trained:
+- the way the peers do it: a plain fp32 NCHW PyTorch loop as in AntixK/PyTorch-VAE and pythae
+  (torch.optim.Adam with its default implementation, loss.item() after every step);
+- by pythae's own ``VAE`` (benchmarks/peers.py), when pythae is installed (CPU only);
+- by vaelab's own training step (``vaelab.train._step``, as the trainer calls it, batches
+  gathered from a uint8 dataset), in each of the trainer's fast paths.
+Reported: training images/s (forward + loss + backward + optimizer step), evaluation images/s
+(vaelab: ``evaluate_split``; peer: an eval-mode forward), forward FLOPs per image
+(torch.utils.flop_counter), achieved GFLOP/s (3 x forward per training image) and its share of
+the matmul peak measured in the same run, and the ratio to each peer. Every rate is the median
+of --reps repetitions after warm-up. On a CPU, the run refuses to report when other processes
+used more than 10% of the CPUs meanwhile (--force reports anyway, marked).
 
-    python benchmarks/throughput.py [--reps 5] [--steps 5] [--out FILE]
+    python benchmarks/throughput.py [--device cpu|cuda] [--nets celeba64 mnist]
+        [--batches 64 144] [--reps 5] [--steps 3] [--compile] [--out FILE]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import os
 import platform
 import statistics
+import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import vaelab
 from vaelab import models
+from vaelab.data import ImageDataset, Splits
 
 HERE = Path(__file__).resolve().parent
+NETS = {  # name -> (image shape, model overrides)
+    "celeba64": ((3, 64, 64), "configs/celeba_vae.yaml"),
+    "mnist": ((1, 28, 28), None),
+}
+# vaelab's paths: (label, overrides of the train section)
+PATHS = [
+    ("fp32", []),
+    ("fp32+channels_last", ["train.channels_last=true"]),
+    ("bf16", ["train.precision=bf16"]),
+    ("bf16+channels_last", ["train.precision=bf16", "train.channels_last=true"]),
+]
+COMPILED = ("bf16+channels_last+compile", [*PATHS[3][1], "train.compile=true"])
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
-    """GFLOP/s of an n x n matmul, the median of ``reps``."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
+# -- the machine ------------------------------------------------------------------------------
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(dtype: torch.dtype, device: torch.device, reps: int = 5) -> float:
+    """The best GFLOP/s of square matmuls (several sizes, median of ``reps`` each)."""
+    best = 0.0
+    for n in (2048, 4096) if device.type == "cpu" else (8192,):
+        a = torch.randn(n, n, dtype=dtype, device=device)
+        b = torch.randn(n, n, dtype=dtype, device=device)
         a @ b
-        times.append(time.perf_counter() - t)
-    return 2 * n**3 / statistics.median(times) / 1e9
+        times = []
+        for _ in range(reps):
+            synchronize(device)
+            t = time.perf_counter()
+            a @ b
+            synchronize(device)
+            times.append(time.perf_counter() - t)
+        best = max(best, 2 * n**3 / statistics.median(times) / 1e9)
+    return best
 
 
-def train_rate(precision: str, channels_last: bool, batch: int, steps: int, reps: int) -> float:
-    cfg = vaelab.load_config(HERE.parent / "configs" / "celeba_vae.yaml").model
-    torch.manual_seed(0)
-    model = models.build(cfg, (3, 64, 64))
-    x = torch.rand(batch, 3, 64, 64)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-        x = x.contiguous(memory_format=torch.channels_last)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    cast = (
-        torch.autocast("cpu", dtype=torch.bfloat16)
-        if precision == "bf16"
-        else contextlib.nullcontext()
+class CpuWatch:
+    """CPU time used by other processes while a benchmark runs (Linux /proc/stat)."""
+
+    def __init__(self) -> None:
+        self.busy0, self.own0, self.wall0 = self._busy(), time.process_time(), time.time()
+
+    @staticmethod
+    def _busy() -> float:
+        try:
+            fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+        except OSError:
+            return float("nan")
+        ticks = [int(f) for f in fields]
+        idle = ticks[3] + ticks[4]  # idle + iowait
+        return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+    def others_share(self) -> float:
+        """Share of all CPUs' time used by other processes since this object was made."""
+        busy = self._busy() - self.busy0
+        own = time.process_time() - self.own0
+        wall = time.time() - self.wall0
+        return max(0.0, busy - own) / (wall * (os.cpu_count() or 1))
+
+
+# -- data and networks ------------------------------------------------------------------------
+
+
+def synthetic_splits(shape: tuple[int, int, int], n_train: int, n_val: int) -> Splits:
+    """uint8 noise images in memory, as a data cache holds them: the speed of the networks
+    does not depend on what the pictures show."""
+    c, h, w = shape
+    images = np.random.default_rng(0).integers(0, 256, (n_train + n_val, h, w, c), np.uint8)
+    everything = ImageDataset(images)
+    return Splits(
+        everything.subset(np.arange(n_train)),
+        everything.subset(np.arange(n_train, n_train + n_val)),
     )
 
-    def step() -> None:
-        with cast:
-            loss = model(x).loss.mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
 
-    for _ in range(2):  # warm-up
+def run_config(net: str, overrides: list[str]) -> vaelab.RunConfig:
+    path = NETS[net][1]
+    return vaelab.load_config(
+        HERE.parent / path if path else None, [*overrides, "train.progress=false"]
+    )
+
+
+def forward_flops(net: str) -> float:
+    shape = NETS[net][0]
+    model = models.build(run_config(net, []).model, shape)
+    with FlopCounterMode(display=False) as counter:
+        model(torch.rand(8, *shape))
+    return counter.get_total_flops() / 8
+
+
+def timed(step: Callable[[], None], device: torch.device, batch: int, steps: int, reps: int,
+          warmup: int = 2) -> float:  # fmt: skip
+    """Median images/s over ``reps`` repetitions of ``steps`` calls of ``step``."""
+    for _ in range(warmup):
         step()
     rates = []
     for _ in range(reps):
+        synchronize(device)
         t = time.perf_counter()
         for _ in range(steps):
             step()
+        synchronize(device)
         rates.append(batch * steps / (time.perf_counter() - t))
     return statistics.median(rates)
 
 
-def forward_flops() -> float:
-    cfg = vaelab.load_config(HERE.parent / "configs" / "celeba_vae.yaml").model
-    model = models.build(cfg, (3, 64, 64))
-    with FlopCounterMode(display=False) as counter:
-        model(torch.rand(8, 3, 64, 64))
-    return counter.get_total_flops() / 8
+# -- the peers' loop and vaelab's step --------------------------------------------------------
+
+
+def plain_loop(net: str, batch: int, device: torch.device, steps: int, reps: int) -> dict:
+    """The same network trained as in PyTorch-VAE and pythae: fp32, NCHW, default Adam, the
+    loss read after every step; a data batch moved to the device as a float tensor."""
+    torch.manual_seed(0)
+    model = models.build(run_config(net, []).model, NETS[net][0]).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x = torch.rand(batch, *NETS[net][0], device=device)
+
+    def step() -> None:
+        loss = model(x).loss.mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        loss.item()
+
+    train = timed(step, device, batch, steps, reps)
+    model.eval()
+
+    def forward() -> None:
+        with torch.no_grad():
+            model(x).loss.sum().item()
+
+    return {"train": train, "eval": timed(forward, device, batch, steps, reps)}
+
+
+def vaelab_step(
+    net: str, batch: int, device: torch.device, overrides: list[str], steps: int, reps: int
+) -> dict:
+    """vaelab's training step as ``_fit`` runs it: indices -> uint8 gather -> float batch
+    (-> channels-last) -> ``_step`` (autocast, fused Adam, no host sync); and its validation."""
+    trainer = importlib.import_module("vaelab.train")
+    cfg = run_config(net, [*overrides, f"train.device={device.type}", f"train.batch_size={batch}"])
+    splits = synthetic_splits(NETS[net][0], 8 * batch, 4 * batch)
+    session = trainer._session(cfg, splits)
+    source: Any = splits.train
+    if trainer.DeviceImages.fits(splits.train, device):
+        source = trainer.DeviceImages(splits.train, device)
+    order = torch.randperm(len(splits.train)).view(-1, batch)
+    if device.type == "cuda":
+        order = order.to(device)
+    counter = iter(range(10**9))
+
+    def step() -> None:
+        i = next(counter)
+        x = source.batch(order[i % len(order)], device)
+        if cfg.train.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        trainer._step(session, x, i, 10**9)
+
+    if cfg.train.compile:  # the first call compiles: time it, then measure as usual
+        t = time.perf_counter()
+        step()
+        synchronize(device)
+        print(f"  (torch.compile: first step {time.perf_counter() - t:.1f} s)", flush=True)
+    train = timed(step, device, batch, steps, reps)
+
+    def evaluate() -> None:
+        trainer.evaluate_split(session.model, splits.val, batch, device)
+
+    n_val = len(splits.val)
+    return {"train": train, "eval": timed(evaluate, device, n_val, 1, reps) if reps else 0.0}
+
+
+# -- the table ---------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def watched(force: bool, device: torch.device) -> Iterator[CpuWatch]:
+    watch = CpuWatch()
+    yield watch
+    share = watch.others_share()
+    if share > 0.10:
+        message = (
+            f"other processes used {100 * share:.0f}% of the CPUs during the measurement "
+            "(limit 10%): numbers not reported; rerun on an idle machine or pass --force"
+        )
+        if not force:
+            sys.exit(f"throughput.py: {message}")
+        print(f"WARNING: {message}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--nets", nargs="+", default=list(NETS), choices=list(NETS))
+    parser.add_argument("--batches", nargs="+", type=int, default=[64, 144])
     parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=3, help="optimizer steps per repetition")
+    parser.add_argument("--compile", action="store_true", help="also time train.compile=true")
+    parser.add_argument("--no-pythae", action="store_true", help="skip pythae even if installed")
+    parser.add_argument("--force", action="store_true", help="report even on a busy CPU")
     parser.add_argument("--out", default=str(HERE / "results" / "throughput.json"))
     args = parser.parse_args()
-    flops = forward_flops()
-    peak = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
-    results = {}
-    for precision, cl in [("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True)]:
-        rate = train_rate(precision, cl, args.batch, args.steps, args.reps)
-        gflops = rate * 3 * flops / 1e9  # forward + backward ~ 3 x forward
-        name = precision + ("+channels_last" if cl else "")
-        results[name] = {
-            "train_images_per_second": round(rate, 1),
-            "achieved_gflops": round(gflops, 1),
-            "share_of_peak": round(gflops / peak[precision], 3),
+    device = torch.device(args.device)
+    if args.reps < 5 and not args.force:
+        parser.error("--reps: at least 5 repetitions for a reported median (or --force)")
+
+    with watched(args.force, device) as watch:
+        peak = {
+            "fp32": matmul_peak(torch.float32, device),
+            "bf16": matmul_peak(torch.bfloat16, device),
         }
-        print(f"{name:<22}{rate:8.1f} img/s  {gflops:7.1f} GFLOP/s  "
-              f"{100 * gflops / peak[precision]:5.1f}% of {precision} matmul peak")  # fmt: skip
+        print(f"matmul peak: fp32 {peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} GFLOP/s")
+        rows = []
+        for net in args.nets:
+            flops = forward_flops(net)
+            for batch in args.batches:
+                entries = [("peer: plain fp32 loop", plain_loop(net, batch, device, args.steps,
+                                                                 args.reps))]  # fmt: skip
+                if device.type == "cpu" and not args.no_pythae:
+                    entries.append(("peer: pythae VAE", pythae(net, batch, args)))
+                for label, overrides in PATHS + ([COMPILED] if args.compile else []):
+                    print(f"  {net} batch {batch} {label} ...", flush=True)
+                    rates = vaelab_step(net, batch, device, overrides, args.steps, args.reps)
+                    entries.append((f"vaelab {label}", rates))
+                rows += table_rows(net, batch, flops, peak, entries)
+                print_rows(rows[-len(entries) :])
+        others = watch.others_share()
     record = {
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-        },
-        "network": "configs/celeba_vae.yaml (64x64x3, widths 32-512, latent 128)",
-        "batch": args.batch,
-        "forward_mflops_per_image": round(flops / 1e6, 1),
+        "machine": machine(device),
         "matmul_peak_gflops": {k: round(v, 1) for k, v in peak.items()},
-        "training": results,
+        "other_processes_cpu_share": round(others, 3),
+        "reps": args.reps,
+        "steps_per_rep": args.steps,
+        "rows": rows,
     }
-    print(json.dumps(record, indent=2))
+    print("\nAll rows:")
+    print_rows(rows)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
+    print(f"written: {args.out}")
+
+
+def pythae(net: str, batch: int, args: argparse.Namespace) -> dict | None:
+    try:
+        from peers import pythae_train_rate
+    except ImportError:
+        return None
+    cfg = run_config(net, []).model
+    rate = pythae_train_rate(
+        NETS[net][0], tuple(cfg.widths), cfg.latent_dim, batch, args.steps, args.reps
+    )
+    return None if rate is None else {"train": rate, "eval": None}
+
+
+def table_rows(
+    net: str, batch: int, flops: float, peak: dict[str, float], entries: list
+) -> list[dict]:
+    plain = entries[0][1]["train"]
+    pythae_rate = next((r["train"] for n, r in entries if n.endswith("pythae VAE") and r), None)
+    rows = []
+    for name, rates in entries:
+        if rates is None:
+            print(f"  {name}: not installed (pip install 'vaelab[bench]')")
+            continue
+        precision = "bf16" if "bf16" in name else "fp32"
+        gflops = rates["train"] * 3 * flops / 1e9
+        rows.append(
+            {
+                "net": net,
+                "batch": batch,
+                "path": name,
+                "train_images_per_s": round(rates["train"], 1),
+                "eval_images_per_s": None if rates["eval"] is None else round(rates["eval"], 1),
+                "forward_mflops_per_image": round(flops / 1e6, 1),
+                "achieved_gflops": round(gflops, 1),
+                "share_of_peak": round(gflops / peak[precision], 3),
+                "peak_used": precision,
+                "x_plain_loop": round(rates["train"] / plain, 2),
+                "x_pythae": None if pythae_rate is None else round(rates["train"] / pythae_rate, 2),
+            }
+        )
+    return rows
+
+
+def print_rows(rows: list[dict]) -> None:
+    head = (
+        f"{'net':<9}{'batch':>6}  {'path':<34}{'train img/s':>12}{'eval img/s':>11}"
+        f"{'GFLOP/s':>9}{'% peak':>8}{'x plain':>8}{'x pythae':>9}"
+    )
+    print(head)
+    for r in rows:
+        ev = "-" if r["eval_images_per_s"] is None else f"{r['eval_images_per_s']:.0f}"
+        xp = "-" if r["x_pythae"] is None else f"{r['x_pythae']:.2f}"
+        print(
+            f"{r['net']:<9}{r['batch']:>6}  {r['path']:<34}{r['train_images_per_s']:>12.1f}"
+            f"{ev:>11}{r['achieved_gflops']:>9.1f}"
+            f"{100 * r['share_of_peak']:>6.1f}{r['peak_used'][:2]:>2}"
+            f"{r['x_plain_loop']:>8.2f}{xp:>9}"
+        )
+
+
+def machine(device: torch.device) -> dict:
+    info = {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+    with contextlib.suppress(OSError):
+        names = [ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in ln]
+        info["cpu"] = names[0].split(":", 1)[1].strip()
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
 
 
 if __name__ == "__main__":
