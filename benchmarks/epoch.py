@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--train-images", type=int, default=CELEBA_TRAIN)
     parser.add_argument("--val-images", type=int, default=None, help="default: in proportion")
-    parser.add_argument("--out", default=None, help="file for the result: .json, or .jsonl to append")
+    parser.add_argument("--out", default=None, help="result file (.json; .jsonl appends)")
     args = parser.parse_args()
     n_val = args.val_images or round(args.train_images * CELEBA_VAL / CELEBA_TRAIN)
 

@@ -226,7 +226,9 @@ def watched(force: bool, device: torch.device) -> Iterator[CpuWatch]:
     watch = CpuWatch()
     yield watch
     share = watch.others_share()
-    if share > 0.10:
+    # On a GPU the CPU only launches work (and torch.compile's worker processes count as
+    # "other processes"): the share is recorded, not enforced.
+    if share > 0.10 and device.type == "cpu":
         message = (
             f"other processes used {100 * share:.0f}% of the CPUs during the measurement "
             "(limit 10%): numbers not reported; rerun on an idle machine or pass --force"
