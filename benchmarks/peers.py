@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -20,19 +21,11 @@ from torch import Tensor
 from vaelab.nets.conv import ConvDecoder, ConvEncoder
 
 
-def pythae_train_rate(
-    shape: tuple[int, int, int],
-    widths: tuple[int, ...],
-    latent_dim: int,
-    batch: int,
-    steps: int,
-    reps: int,
-    warmup: int = 2,
-) -> float | None:
-    """Training images/s of pythae's ``VAE`` with vaelab's conv networks; None without pythae.
-
-    The median over ``reps`` repetitions of ``steps`` optimizer steps each, timed after
-    ``warmup`` untimed steps, in fp32, NCHW, on the CPU with torch's default thread count.
+def pythae_step(
+    shape: tuple[int, int, int], widths: tuple[int, ...], latent_dim: int, batch: int
+) -> Callable[[], None] | None:
+    """One training step of pythae's ``VAE`` with vaelab's conv networks, as a function to
+    time; None without pythae. fp32, NCHW, on the CPU with torch's default thread count.
 
     Networks: ``vaelab.nets.conv.ConvEncoder(shape, widths, 2 * latent_dim)``, its output split
     into pythae's ``embedding`` (mean) and ``log_covariance`` (log-variance) as vaelab splits it,
@@ -101,6 +94,23 @@ def pythae_train_rate(
         if loss != loss:
             raise ArithmeticError("NaN in pythae's training loss")
 
+    return step
+
+
+def pythae_train_rate(
+    shape: tuple[int, int, int],
+    widths: tuple[int, ...],
+    latent_dim: int,
+    batch: int,
+    steps: int,
+    reps: int,
+    warmup: int = 2,
+) -> float | None:
+    """Training images/s of ``pythae_step``: the median over ``reps`` repetitions of ``steps``
+    steps, after ``warmup`` untimed steps; None without pythae."""
+    step = pythae_step(shape, widths, latent_dim, batch)
+    if step is None:
+        return None
     for _ in range(warmup):
         step()
     rates = []

@@ -15,7 +15,7 @@ of --reps repetitions after warm-up. On a CPU, the run refuses to report when ot
 used more than 10% of the CPUs meanwhile (--force reports anyway, marked).
 
     python benchmarks/throughput.py [--device cpu|cuda] [--nets celeba64 mnist]
-        [--batches 64 144] [--reps 5] [--steps 3] [--compile] [--out FILE]
+        [--batches 64 144] [--reps 5] [--min-seconds 1] [--compile] [--out FILE]
 """
 
 from __future__ import annotations
@@ -24,12 +24,14 @@ import argparse
 import contextlib
 import importlib
 import json
+import math
 import os
 import platform
 import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +56,11 @@ PATHS = [
     ("bf16+channels_last", ["train.precision=bf16", "train.channels_last=true"]),
 ]
 COMPILED = ("bf16+channels_last+compile", [*PATHS[3][1], "train.compile=true"])
+CUDA_PATHS = [("fp16 (grad scaler)", ["train.precision=fp16"])]  # fp16 is slow on most CPUs
+
+
+def _none() -> None:
+    pass
 
 
 # -- the machine ------------------------------------------------------------------------------
@@ -136,55 +143,93 @@ def forward_flops(net: str) -> float:
     return counter.get_total_flops() / 8
 
 
-def timed(step: Callable[[], None], device: torch.device, batch: int, steps: int, reps: int,
-          warmup: int = 2) -> float:  # fmt: skip
-    """Median images/s over ``reps`` repetitions of ``steps`` calls of ``step``."""
-    for _ in range(warmup):
-        step()
-    rates = []
-    for _ in range(reps):
-        synchronize(device)
-        t = time.perf_counter()
-        for _ in range(steps):
-            step()
-        synchronize(device)
-        rates.append(batch * steps / (time.perf_counter() - t))
-    return statistics.median(rates)
+@dataclass
+class Contender:
+    """One way of training the network: a step to time, and optionally an evaluation pass."""
+
+    name: str
+    step: Callable[[], None]
+    step_images: int
+    evaluate: Callable[[], None] | None = None
+    eval_images: int = 0
+    train: list[float] = field(default_factory=list)  # images/s, one per repetition
+    eval: list[float] = field(default_factory=list)
+
+
+def _rate(fn: Callable[[], None], calls: int, images: int, device: torch.device) -> float:
+    synchronize(device)
+    t = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    synchronize(device)
+    return images * calls / (time.perf_counter() - t)
+
+
+def measure(contenders: list[Contender], device: torch.device, args: argparse.Namespace) -> None:
+    """Warm every contender up, then time them in turn, repetition by repetition, so that a
+    drift of the machine's speed hits all of them alike; each repetition lasts at least
+    --min-seconds (and --steps steps)."""
+    calls: dict[tuple[str, str], int] = {}
+    for c in contenders:
+        for kind, fn, images in (("train", c.step, c.step_images),
+                                 ("eval", c.evaluate, c.eval_images)):  # fmt: skip
+            if fn is None:
+                continue
+            fn()  # warm-up (and, with train.compile, the compilation)
+            once = images / _rate(fn, 1, images, device)
+            calls[c.name, kind] = max(args.steps, math.ceil(args.min_seconds / once))
+    for _ in range(args.reps):
+        for c in contenders:
+            c.train.append(_rate(c.step, calls[c.name, "train"], c.step_images, device))
+    for _ in range(args.reps):
+        for c in contenders:
+            if c.evaluate is not None:
+                c.eval.append(_rate(c.evaluate, calls[c.name, "eval"], c.eval_images, device))
 
 
 # -- the peers' loop and vaelab's step --------------------------------------------------------
 
 
-def plain_loop(net: str, batch: int, device: torch.device, steps: int, reps: int) -> dict:
+def plain_loop(net: str, batch: int, device: torch.device) -> Contender:
     """The same network trained as in PyTorch-VAE and pythae: fp32, NCHW, default Adam, the
-    loss read after every step; a data batch moved to the device as a float tensor."""
+    loss read after every step."""
     torch.manual_seed(0)
     model = models.build(run_config(net, []).model, NETS[net][0]).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     x = torch.rand(batch, *NETS[net][0], device=device)
 
     def step() -> None:
+        model.train()
         loss = model(x).loss.mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
         loss.item()
 
-    train = timed(step, device, batch, steps, reps)
-    model.eval()
-
-    def forward() -> None:
+    def evaluate() -> None:
+        model.eval()
         with torch.no_grad():
             model(x).loss.sum().item()
 
-    return {"train": train, "eval": timed(forward, device, batch, steps, reps)}
+    return Contender("peer: plain fp32 loop", step, batch, evaluate, batch)
 
 
-def vaelab_step(
-    net: str, batch: int, device: torch.device, overrides: list[str], steps: int, reps: int
-) -> dict:
+def pythae(net: str, batch: int) -> Contender | None:
+    try:
+        from peers import pythae_step
+    except ImportError:
+        return None
+    cfg = run_config(net, []).model
+    step = pythae_step(NETS[net][0], tuple(cfg.widths), cfg.latent_dim, batch)
+    return None if step is None else Contender("peer: pythae VAE", step, batch)
+
+
+def vaelab_contender(
+    net: str, batch: int, device: torch.device, label: str, overrides: list[str]
+) -> Contender:
     """vaelab's training step as ``_fit`` runs it: indices -> uint8 gather -> float batch
-    (-> channels-last) -> ``_step`` (autocast, fused Adam, no host sync); and its validation."""
+    (-> channels-last) -> ``_step`` (autocast, fused Adam, no host sync); and ``evaluate_split``
+    on a validation set of 4 batches."""
     trainer = importlib.import_module("vaelab.train")
     cfg = run_config(net, [*overrides, f"train.device={device.type}", f"train.batch_size={batch}"])
     splits = synthetic_splits(NETS[net][0], 8 * batch, 4 * batch)
@@ -204,18 +249,16 @@ def vaelab_step(
             x = x.contiguous(memory_format=torch.channels_last)
         trainer._step(session, x, i, 10**9)
 
-    if cfg.train.compile:  # the first call compiles: time it, then measure as usual
+    if cfg.train.compile:  # the first call compiles: time it
         t = time.perf_counter()
         step()
         synchronize(device)
-        print(f"  (torch.compile: first step {time.perf_counter() - t:.1f} s)", flush=True)
-    train = timed(step, device, batch, steps, reps)
+        print(f"  ({label}: torch.compile's first step {time.perf_counter() - t:.1f} s)")
 
     def evaluate() -> None:
         trainer.evaluate_split(session.model, splits.val, batch, device)
 
-    n_val = len(splits.val)
-    return {"train": train, "eval": timed(evaluate, device, n_val, 1, reps) if reps else 0.0}
+    return Contender(f"vaelab {label}", step, batch, evaluate, len(splits.val))
 
 
 # -- the table ---------------------------------------------------------------------------------
@@ -244,8 +287,10 @@ def main() -> None:
     parser.add_argument("--nets", nargs="+", default=list(NETS), choices=list(NETS))
     parser.add_argument("--batches", nargs="+", type=int, default=[64, 144])
     parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=3, help="optimizer steps per repetition")
+    parser.add_argument("--steps", type=int, default=3, help="least steps per repetition")
+    parser.add_argument("--min-seconds", type=float, default=1.0, help="least time per rep")
     parser.add_argument("--compile", action="store_true", help="also time train.compile=true")
+    parser.add_argument("--compile-batches", nargs="+", type=int, default=[144])
     parser.add_argument("--no-pythae", action="store_true", help="skip pythae even if installed")
     parser.add_argument("--force", action="store_true", help="report even on a busy CPU")
     parser.add_argument("--out", default=str(HERE / "results" / "throughput.json"))
@@ -264,16 +309,18 @@ def main() -> None:
         for net in args.nets:
             flops = forward_flops(net)
             for batch in args.batches:
-                entries = [("peer: plain fp32 loop", plain_loop(net, batch, device, args.steps,
-                                                                 args.reps))]  # fmt: skip
+                print(f"{net}, batch {batch}: building and warming up ...", flush=True)
+                contenders = [plain_loop(net, batch, device)]
                 if device.type == "cpu" and not args.no_pythae:
-                    entries.append(("peer: pythae VAE", pythae(net, batch, args)))
-                for label, overrides in PATHS + ([COMPILED] if args.compile else []):
-                    print(f"  {net} batch {batch} {label} ...", flush=True)
-                    rates = vaelab_step(net, batch, device, overrides, args.steps, args.reps)
-                    entries.append((f"vaelab {label}", rates))
-                rows += table_rows(net, batch, flops, peak, entries)
-                print_rows(rows[-len(entries) :])
+                    contenders.append(pythae(net, batch) or Contender("peer: pythae VAE", _none, 0))
+                paths = PATHS + (CUDA_PATHS if device.type == "cuda" else [])
+                if args.compile and batch in args.compile_batches:
+                    paths = [*paths, COMPILED]
+                contenders += [vaelab_contender(net, batch, device, *p) for p in paths]
+                installed = [c for c in contenders if c.step_images]
+                measure(installed, device, args)
+                rows += table_rows(net, batch, flops, peak, contenders)
+                print_rows(rows[-len(installed) :])
         others = watch.others_share()
     record = {
         "machine": machine(device),
@@ -290,43 +337,39 @@ def main() -> None:
     print(f"written: {args.out}")
 
 
-def pythae(net: str, batch: int, args: argparse.Namespace) -> dict | None:
-    try:
-        from peers import pythae_train_rate
-    except ImportError:
-        return None
-    cfg = run_config(net, []).model
-    rate = pythae_train_rate(
-        NETS[net][0], tuple(cfg.widths), cfg.latent_dim, batch, args.steps, args.reps
-    )
-    return None if rate is None else {"train": rate, "eval": None}
-
-
 def table_rows(
-    net: str, batch: int, flops: float, peak: dict[str, float], entries: list
+    net: str, batch: int, flops: float, peak: dict[str, float], contenders: list[Contender]
 ) -> list[dict]:
-    plain = entries[0][1]["train"]
-    pythae_rate = next((r["train"] for n, r in entries if n.endswith("pythae VAE") and r), None)
+    def median(c: Contender) -> float:
+        return statistics.median(c.train)
+
+    plain = median(contenders[0])
+    pythae_rate = next((median(c) for c in contenders if c.name.endswith("pythae VAE") and
+                        c.train), None)  # fmt: skip
     rows = []
-    for name, rates in entries:
-        if rates is None:
-            print(f"  {name}: not installed (pip install 'vaelab[bench]')")
+    for c in contenders:
+        if not c.train:
+            print(f"  {c.name}: not installed (pip install 'vaelab[bench]')")
             continue
-        precision = "bf16" if "bf16" in name else "fp32"
-        gflops = rates["train"] * 3 * flops / 1e9
+        rate = median(c)
+        precision = "bf16" if "bf16" in c.name else "fp32"  # fp16 shares the bf16 units
+        if "fp16" in c.name:
+            precision = "bf16"
+        gflops = rate * 3 * flops / 1e9
         rows.append(
             {
                 "net": net,
                 "batch": batch,
-                "path": name,
-                "train_images_per_s": round(rates["train"], 1),
-                "eval_images_per_s": None if rates["eval"] is None else round(rates["eval"], 1),
+                "path": c.name,
+                "train_images_per_s": round(rate, 1),
+                "train_reps": [round(r, 1) for r in c.train],
+                "eval_images_per_s": round(statistics.median(c.eval), 1) if c.eval else None,
                 "forward_mflops_per_image": round(flops / 1e6, 1),
                 "achieved_gflops": round(gflops, 1),
                 "share_of_peak": round(gflops / peak[precision], 3),
                 "peak_used": precision,
-                "x_plain_loop": round(rates["train"] / plain, 2),
-                "x_pythae": None if pythae_rate is None else round(rates["train"] / pythae_rate, 2),
+                "x_plain_loop": round(rate / plain, 2),
+                "x_pythae": None if pythae_rate is None else round(rate / pythae_rate, 2),
             }
         )
     return rows

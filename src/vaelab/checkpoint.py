@@ -209,6 +209,13 @@ def load_train_state(
         optimizer.load_state_dict({"state": state, "param_groups": param_groups})
     except (ValueError, KeyError) as err:
         raise CheckpointError(f"'{path}': optimizer state does not match ({err})") from None
+    # Saved tensors are contiguous; a parameter may be channels-last. Give each moment its
+    # parameter's memory layout: fused and foreach optimizer kernels walk them in memory order.
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for name, value in optimizer.state.get(p, {}).items():
+                if isinstance(value, torch.Tensor) and value.shape == p.shape:
+                    optimizer.state[p][name] = torch.empty_like(p, dtype=value.dtype).copy_(value)
     torch.set_rng_state(tensors["rng.torch"])
     cuda_keys = sorted((k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k[9:]))
     cuda_states = [tensors[k] for k in cuda_keys]

@@ -133,6 +133,10 @@ def _session(cfg: RunConfig, splits: Splits | None) -> _Session:
         torch.set_num_threads(tc.threads)
     world = distributed.from_environment()
     device = _device(tc.device, world)
+    if device.type == "cuda":
+        # Every step has the same shapes (the last partial batch is dropped), so cuDNN's
+        # one-off search for the fastest convolution algorithms pays for itself at once.
+        torch.backends.cudnn.benchmark = True
     if tc.batch_size % world.size:
         raise ConfigError(
             f"config key 'train.batch_size': the global batch is split over {world.size} "
@@ -321,7 +325,7 @@ def _fit(
                 leave=False,
                 dynamic_ncols=True,
             )
-            window, window_start = torch.zeros((), device=device, dtype=torch.float64), 0
+            seen, window_start = torch.zeros((), device=device, dtype=torch.float64), 0
             for i in range(steps_per_epoch):
                 step = counters["step"]
                 x = source.batch(mine[i], device).to(dtype)
@@ -333,12 +337,12 @@ def _fit(
                     out = _step(session, x, step, total_steps)
                 counters["step"] += 1
                 sums.add(out)
-                window += out.loss.detach().sum()
                 bar.update(1)
                 if (i + 1) % tc.log_every == 0 or i + 1 == steps_per_epoch:
                     # The only host-device synchronisation of the loop: every log_every steps.
                     n = (i + 1 - window_start) * batch_size
-                    value = distributed.all_sum(window, world).item() / n
+                    total = sums.loss_total()
+                    value = distributed.all_sum(total - seen, world).item() / n
                     if not math.isfinite(value):
                         bar.close()
                         first = counters["step"] - (i - window_start)
@@ -351,7 +355,7 @@ def _fit(
                             f"loss became {value} at epoch {epoch}, {where}", run, epoch - 1
                         )
                     bar.set_postfix(loss=f"{value:.2f}", refresh=False)
-                    window, window_start = torch.zeros_like(window), i + 1
+                    seen, window_start = total, i + 1
             bar.close()
             # A finite loss can still come with non-finite gradients; such weights are never saved.
             if not _all_finite(model):
@@ -488,29 +492,35 @@ TERMS = ("loss", "recon", "kl", "elbo_nats")
 
 
 class _Sums:
-    """Per-image sums of the named terms, kept as tensors (read once per epoch)."""
+    """Per-image sums of the named terms, kept as one float64 tensor on the device (a few
+    kernels per step, no synchronisation), read once per epoch."""
 
     def __init__(self) -> None:
         self.n = 0
-        self.totals: dict[str, torch.Tensor] = {}
+        self.names: list[str] = []
+        self.total: torch.Tensor | None = None
 
     def add(self, out: models.ModelOutput) -> None:
-        self.n += out.loss.shape[0]
         terms = {"loss": out.loss, "recon": out.recon, "kl": out.kl, "elbo_nats": out.elbo}
-        for name, t in terms.items():
-            if t is not None:
-                total = t.detach().double().sum()
-                self.totals[name] = self.totals[name] + total if name in self.totals else total
+        if self.total is None:
+            self.names = [k for k, t in terms.items() if t is not None]
+        batch = torch.stack([terms[k].detach() for k in self.names]).double().sum(1)
+        self.total = batch if self.total is None else self.total + batch
+        self.n += out.loss.shape[0]
+
+    def loss_total(self) -> torch.Tensor:
+        """The sum of the loss so far (a 0-d tensor on the device)."""
+        assert self.total is not None
+        return self.total[0].clone()
 
     def means(self, world: World | None = None) -> dict[str, float | None]:
         """Per-image means over all ranks; None for a term the model does not have (kl of
         decoder_only). One synchronisation."""
-        names = [k for k in TERMS if k in self.totals]
-        device = self.totals[names[0]].device
-        n = torch.tensor([float(self.n)], dtype=torch.float64, device=device)
-        packed = torch.cat([*(self.totals[k].reshape(1) for k in names), n])
-        packed = distributed.all_sum(packed, world or World()).tolist()
-        return {k: packed[names.index(k)] / packed[-1] if k in names else None for k in TERMS}
+        assert self.total is not None
+        n = torch.tensor([float(self.n)], dtype=torch.float64, device=self.total.device)
+        packed = distributed.all_sum(torch.cat([self.total, n]), world or World()).tolist()
+        sums = dict(zip(self.names, packed, strict=False))
+        return {k: sums[k] / packed[-1] if k in sums else None for k in TERMS}
 
 
 def _row(
