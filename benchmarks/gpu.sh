@@ -6,7 +6,8 @@
 #   bash benchmarks/gpu.sh [RESULTS_DIR]    (default: $OUT where set, else benchmarks/results)
 #
 # Writes RESULTS_DIR/gpu.log (everything printed), throughput_gpu.json (CelebA-64 network, with
-# torch.compile), throughput_gpu_mnist.json and epoch_gpu.jsonl (one line per epoch run).
+# torch.compile at batch 144), throughput_gpu_mnist.json and epoch_gpu.jsonl (one line per epoch:
+# fp32, bf16 and fp16, each with its validation ELBO, to compare what precision does to it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RESULTS=${1:-${OUT:-benchmarks/results}}
@@ -29,13 +30,13 @@ run() {  # run LIMIT_SECONDS COMMAND...: a part that may fail or time out withou
     nproc
 } 2>&1 | tee "$LOG"
 # A small epoch first: fails fast if something is wrong.
-run 25 "$PY" benchmarks/epoch.py --device cuda --train-images 2880 --precision bf16
-run 35 "$PY" benchmarks/throughput.py --device cuda --nets mnist --steps 10 \
+run 20 "$PY" benchmarks/epoch.py --device cuda --train-images 2880 --precision bf16
+run 45 "$PY" benchmarks/throughput.py --device cuda --nets mnist --min-seconds 0.2 \
     --out "$RESULTS/throughput_gpu_mnist.json"
-run 110 "$PY" benchmarks/throughput.py --device cuda --nets celeba64 --steps 20 --compile \
+run 120 "$PY" benchmarks/throughput.py --device cuda --nets celeba64 --min-seconds 0.3 --compile \
     --out "$RESULTS/throughput_gpu.json"
-for part in "40 --precision fp32" "30 --precision bf16 --channels-last" \
-    "60 --precision bf16 --channels-last --compile"; do
+for part in "35 --precision fp32" "35 --precision bf16 --channels-last" \
+    "35 --precision fp16 --channels-last"; do
     # shellcheck disable=SC2086
     run ${part%% *} "$PY" benchmarks/epoch.py --device cuda ${part#* } \
         --out "$RESULTS/epoch_gpu.jsonl"
