@@ -50,13 +50,14 @@ NETS = {  # name -> (image shape, model overrides)
 }
 # vaelab's paths: (label, overrides of the train section)
 PATHS = [
-    ("fp32", []),
+    ("fp32", ["train.channels_last=false"]),
     ("fp32+channels_last", ["train.channels_last=true"]),
-    ("bf16", ["train.precision=bf16"]),
+    ("bf16", ["train.precision=bf16", "train.channels_last=false"]),
     ("bf16+channels_last", ["train.precision=bf16", "train.channels_last=true"]),
 ]
 COMPILED = ("bf16+channels_last+compile", [*PATHS[3][1], "train.compile=true"])
-CUDA_PATHS = [("fp16 (grad scaler)", ["train.precision=fp16"])]  # fp16 is slow on most CPUs
+# fp16 (with its gradient scaler) only on GPUs: most CPUs have no fast fp16 arithmetic.
+CUDA_PATHS = [("fp16+channels_last (grad scaler)", ["train.precision=fp16"])]
 
 
 def _none() -> None:
