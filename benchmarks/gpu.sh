@@ -7,7 +7,8 @@
 #
 # Writes RESULTS_DIR/gpu.log (everything printed), throughput_gpu.json (CelebA-64 network, with
 # torch.compile at batch 144), throughput_gpu_mnist.json and epoch_gpu.jsonl (one line per epoch:
-# fp32, bf16 and fp16, each with its validation ELBO, to compare what precision does to it).
+# fp32, bf16 and fp16, each with its validation ELBO, to compare what precision does to it; then
+# two epochs with torch.compile, whose second epoch shows the speed once compiled).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RESULTS=${1:-${OUT:-benchmarks/results}}
@@ -31,12 +32,13 @@ run() {  # run LIMIT_SECONDS COMMAND...: a part that may fail or time out withou
 } 2>&1 | tee "$LOG"
 # A small epoch first: fails fast if something is wrong.
 run 20 "$PY" benchmarks/epoch.py --device cuda --train-images 2880 --precision bf16
-run 45 "$PY" benchmarks/throughput.py --device cuda --nets mnist --min-seconds 0.2 \
+run 40 "$PY" benchmarks/throughput.py --device cuda --nets mnist --min-seconds 0.2 \
     --out "$RESULTS/throughput_gpu_mnist.json"
-run 120 "$PY" benchmarks/throughput.py --device cuda --nets celeba64 --min-seconds 0.3 --compile \
+run 100 "$PY" benchmarks/throughput.py --device cuda --nets celeba64 --min-seconds 0.3 --compile \
     --out "$RESULTS/throughput_gpu.json"
-for part in "35 --precision fp32" "35 --precision bf16 --channels-last" \
-    "35 --precision fp16 --channels-last"; do
+for part in "30 --precision fp32" "30 --precision bf16 --channels-last" \
+    "30 --precision fp16 --channels-last" \
+    "50 --precision bf16 --channels-last --compile --epochs 2"; do
     # shellcheck disable=SC2086
     run ${part%% *} "$PY" benchmarks/epoch.py --device cuda ${part#* } \
         --out "$RESULTS/epoch_gpu.jsonl"

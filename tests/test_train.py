@@ -1,8 +1,10 @@
 import importlib
+import json
 import math
 
 import pytest
 import torch
+from safetensors import safe_open
 
 import vaelab
 from tests.conftest import tiny_config
@@ -255,20 +257,32 @@ def test_tensorboard_missing_is_a_clear_error_before_anything_is_written(
 
 
 @pytest.mark.slow
-def test_bf16_and_channels_last_reach_the_fp32_validation_elbo(tmp_path):
+def test_bf16_fp16_and_channels_last_reach_the_fp32_validation_elbo(tmp_path):
     common = ["model.widths=[16,32]", "train.epochs=2", "train.progress=false"]
     rows = {}
     for name, extra in [
-        ("fp32", []),
-        ("bf16", ["train.precision=bf16"]),
+        ("fp32", ["train.channels_last=false"]),
+        ("bf16", ["train.precision=bf16", "train.channels_last=false"]),
         ("bf16_cl", ["train.precision=bf16", "train.channels_last=true"]),
+        ("fp16", ["train.precision=fp16"]),  # with its gradient scaler
     ]:
         run = vaelab.train(vaelab.load_config(overrides=[*common, *extra]), tmp_path / name)
         rows[name] = read_metrics(run)[-1]
-    for name in ["bf16", "bf16_cl"]:
+    for name in ["bf16", "bf16_cl", "fp16"]:
         assert rows[name]["elbo_nats"] == pytest.approx(rows["fp32"]["elbo_nats"], rel=0.01)
-        assert rows[name]["recon"] == pytest.approx(rows["fp32"]["recon"], rel=0.05)
+        assert rows[name]["recon"] == pytest.approx(rows["fp32"]["recon"], rel=0.1), name
     assert rows["bf16"]["recon"] != rows["fp32"]["recon"]  # bf16 really ran in bf16
+    assert rows["fp16"]["recon"] != rows["fp32"]["recon"]
+
+
+def test_fp16_scaler_state_is_saved_and_resumed(tmp_path, splits):
+    run = vaelab.train(tiny_config("train.precision=fp16", "train.epochs=1"), tmp_path / "r",
+                       splits=splits)  # fmt: skip
+    with safe_open(str(run / "state" / "train_state.safetensors"), "pt") as f:
+        state = json.loads(f.metadata()["counters"])
+    assert state["grad_scaler"]["scale"] > 0
+    vaelab.resume(run, ["train.epochs=2"], splits=splits)
+    assert [r["epoch"] for r in read_metrics(run)] == [1, 1, 2, 2]
 
 
 def test_bf16_keeps_the_loss_terms_in_fp32(splits):

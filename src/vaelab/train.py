@@ -238,7 +238,9 @@ def resume(
     rows: list[dict[str, Any]] = []
     if (run / STATE_FILE).is_file():
         counters = load_train_state(run, session.model, session.optimizer)
-        session.scaler.load_state_dict(counters.pop("grad_scaler", {}))
+        scaler_state = counters.pop("grad_scaler", None)
+        if scaler_state is not None:  # an fp16 run; a run switched to fp16 starts a fresh scale
+            session.scaler.load_state_dict(scaler_state)
         # Rows logged after the checkpoint (a crash between the two writes) are dropped.
         rows = [r for r in read_metrics(run) if r["epoch"] <= counters["epoch"]]
     if cfg.train.epochs < counters["epoch"]:
