@@ -292,3 +292,25 @@ def test_bf16_keeps_the_loss_terms_in_fp32(splits):
     assert out.loss.dtype == out.recon.dtype == out.kl.dtype == out.elbo.dtype == torch.float32
     with pytest.raises(ConfigError, match="train.precision"):
         tiny_config("train.precision=fp8")
+
+
+def test_a_failing_compile_falls_back_to_eager_with_the_same_weights(tmp_path, splits, monkeypatch,
+                                                                      capsys):  # fmt: skip
+    eager = vaelab.train(tiny_config("train.epochs=1"), tmp_path / "eager", splits=splits)
+
+    def broken(fn, **kwargs):
+        def compiled(x):
+            torch.randn(3)  # consumes randomness before failing, as a half-run compile might
+            raise RuntimeError("no C++ compiler found\nmore detail")
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", broken)
+    run = vaelab.train(
+        tiny_config("train.epochs=1", "train.compile=true"), tmp_path / "c", splits=splits
+    )
+    assert "train.compile: torch.compile failed (RuntimeError: no C++ compiler found)" in (
+        capsys.readouterr().out
+    )
+    a, b = weights(eager), weights(run)
+    assert all(torch.equal(a[k], b[k]) for k in a)

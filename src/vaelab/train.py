@@ -395,12 +395,7 @@ def _step(session: _Session, x: torch.Tensor, step: int, total_steps: int) -> mo
     """One optimizer step on batch ``x``: forward under autocast, the mean loss backward (scaled
     for fp16), Adam. No host-device synchronisation. With train.compile the first step compiles;
     if compiling fails, the step is redone without it and training goes on, with a message."""
-    tc, model, optimizer, scaler = (
-        session.cfg.train,
-        session.model,
-        session.optimizer,
-        session.scaler,
-    )
+    tc, model, optimizer = session.cfg.train, session.model, session.optimizer
     model.step = step
     model.kl_anneal = kl_anneal(tc, step)
     for group in optimizer.param_groups:
@@ -413,7 +408,7 @@ def _step(session: _Session, x: torch.Tensor, step: int, total_steps: int) -> mo
         with _autocast(tc.precision, session.device):
             out = session.forward(x)
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(out.loss.mean()).backward()
+        session.scaler.scale(out.loss.mean()).backward()
     except Exception as err:  # torch.compile fails in many ways (no C++ compiler, an op)
         if not compiling:
             raise
@@ -424,8 +419,8 @@ def _step(session: _Session, x: torch.Tensor, step: int, total_steps: int) -> mo
         _set_rng_states(session.device, rng)
         return _step(session, x, step, total_steps)
     session.compile_pending = False
-    scaler.step(optimizer)
-    scaler.update()
+    session.scaler.step(optimizer)
+    session.scaler.update()
     return out
 
 
