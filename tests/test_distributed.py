@@ -28,6 +28,7 @@ ARGS = [
     "train.precision=fp64",
     "train.progress=false",
     "train.threads=1",
+    "data.flip=true",  # flips are noise too: drawn per global batch
 ]
 
 
@@ -100,14 +101,22 @@ def test_a_run_stopped_on_two_processes_resumes_on_one(one_process, tmp_path):
     assert _max_diff(_weights(one_process), _weights(run)) < 1e-4
 
 
-def test_a_global_batch_that_does_not_split_evenly_is_refused(tmp_path):
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("train.batch_size=255", "config key 'train.batch_size': the global batch is split over 2"),
+        ("model.name=sigma_vae", "config key 'model.name': sigma_vae cannot be split"),
+        ("model.free_bits=0.5", "config key 'model.free_bits'"),
+    ],
+)
+def test_what_cannot_be_split_over_processes_is_refused(tmp_path, setting, message):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     done = subprocess.run(
         [
             *(sys.executable, "-m", "torch.distributed.run", "--standalone"),
             *("--nproc_per_node=2", "-m", "vaelab", "train", "--out", str(tmp_path / "r")),
             *ARGS,
-            "train.batch_size=255",
+            setting,
         ],
         capture_output=True,
         text=True,
@@ -115,7 +124,7 @@ def test_a_global_batch_that_does_not_split_evenly_is_refused(tmp_path):
         timeout=300,
     )
     assert done.returncode != 0
-    assert "config key 'train.batch_size': the global batch is split over 2" in done.stderr
+    assert message in done.stderr
     assert not (tmp_path / "r").exists()
 
 

@@ -173,9 +173,10 @@ def save_train_state(
             else:
                 opt_scalars.setdefault(str(idx), {})[name] = value
     tensors["rng.torch"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng.cuda.{i}"] = s
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        # The generator of the device this process trains on (under torchrun every rank's is
+        # in the same state), so a run resumes on any GPU, or any number of them.
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
     meta = {
         "format": FORMAT,
         "counters": json.dumps(counters),
@@ -217,10 +218,9 @@ def load_train_state(
                 if isinstance(value, torch.Tensor) and value.shape == p.shape:
                     optimizer.state[p][name] = torch.empty_like(p, dtype=value.dtype).copy_(value)
     torch.set_rng_state(tensors["rng.torch"])
-    cuda_keys = sorted((k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k[9:]))
-    cuda_states = [tensors[k] for k in cuda_keys]
-    if cuda_states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])
+    cuda_state = tensors.get("rng.cuda", tensors.get("rng.cuda.0"))  # rng.cuda.0: older runs
+    if cuda_state is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda_state)  # the current device's generator
     return counters
 
 

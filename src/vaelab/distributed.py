@@ -101,7 +101,8 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: Tensor) -> Tensor:
         if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
-        x = x.float() if x.dtype in (torch.bfloat16, torch.float16) else x  # fp32 stats
+        dtype = x.dtype
+        x = x.float() if x.dtype in (torch.bfloat16, torch.float16) else x  # fp32 statistics
         dims = (0, 2, 3)
         count = torch.full((1,), x.numel() // x.shape[1], dtype=x.dtype, device=x.device)
         stats = differentiable_all_reduce(torch.cat([x.sum(dims), count]))
@@ -109,13 +110,19 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         mean = stats[:-1] / n
         centred = x - mean[None, :, None, None]
         var = differentiable_all_reduce((centred * centred).sum(dims)) / n
-        with torch.no_grad():
-            self.num_batches_tracked.add_(1)
-            momentum = 0.1 if self.momentum is None else self.momentum
-            self.running_mean.lerp_(mean, momentum)
-            self.running_var.lerp_(var * n / (n - 1), momentum)  # unbiased, as BatchNorm2d
-        scale = torch.rsqrt(var + self.eps) * self.weight
-        return centred * scale[None, :, None, None] + self.bias[None, :, None, None]
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                # momentum None: a cumulative average, as BatchNorm2d
+                factor = (
+                    1 / self.num_batches_tracked.item() if self.momentum is None else self.momentum
+                )
+                self.running_mean.lerp_(mean, factor)
+                self.running_var.lerp_(var * n / (n - 1), factor)  # unbiased, as BatchNorm2d
+        y = centred * torch.rsqrt(var + self.eps)[None, :, None, None]
+        if self.affine:
+            y = y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+        return y.to(dtype)  # the input's dtype, as BatchNorm2d under autocast
 
 
 def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
@@ -127,8 +134,12 @@ def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
     for name, child in model.named_children():
         if type(child) is nn.BatchNorm2d:
             synced = GlobalBatchNorm2d(
-                child.num_features, child.eps, child.momentum, child.affine, True
-            ).to(child.weight.device, child.weight.dtype)
+                child.num_features, child.eps, child.momentum, child.affine,
+                child.track_running_stats,
+            )  # fmt: skip
+            like = child.weight if child.affine else child.running_mean
+            if like is not None:
+                synced = synced.to(device=like.device, dtype=like.dtype)
             synced.load_state_dict(child.state_dict())
             setattr(model, name, synced)
         else:

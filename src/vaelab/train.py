@@ -150,14 +150,25 @@ def _session(cfg: RunConfig, splits: Splits | None) -> _Session:
             f"config key 'train.kl_warmup_steps': expected 0 for model '{cfg.model.name}' "
             "(its objective has no KL weight to warm up)"
         )
+    if world.distributed:
+        _check_splittable(cfg)
     distributed.init(world, device)
     if splits is None:
-        # Rank 0 first: it fills the preprocessing cache that the other ranks then read.
+        # Rank 0 first: it fills the preprocessing cache (shared file system). Then the first
+        # rank of every other machine (a cache of its own), then the rest, who only read it.
         if world.is_main:
             splits = data.build(cfg.data, progress=tc.progress)
         distributed.barrier(world)
-        if not world.is_main:
+        if not world.is_main and world.local_rank == 0:
             splits = data.build(cfg.data, progress=False)
+        distributed.barrier(world)
+        if splits is None:
+            splits = data.build(cfg.data, progress=False)
+    if world.distributed and len(splits.train) < tc.batch_size:
+        raise ConfigError(
+            f"config key 'train.batch_size': {tc.batch_size} is more than the "
+            f"{len(splits.train)} training images; lower it (torchrun needs full batches)"
+        )
     torch.manual_seed(tc.seed)  # the same on every rank: same weights, same noise
     model = models.build(cfg.model, splits.train.shape).to(device)
     if tc.precision == "fp64":
@@ -256,6 +267,22 @@ def resume(
     return _fit(run, session, counters, rows, on_epoch_end)
 
 
+def _check_splittable(cfg: RunConfig) -> None:
+    """Refuse what would not train the same model on several processes as on one."""
+    why = models.MODELS[cfg.model.name].batch_statistic
+    if why:
+        raise ConfigError(
+            f"config key 'model.name': {cfg.model.name} cannot be split over torchrun "
+            f"processes ({why}, which each process would compute on its share); train it in "
+            "one process"
+        )
+    if cfg.model.free_bits > 0:
+        raise ConfigError(
+            "config key 'model.free_bits': free bits use the batch-mean KL per dimension, which "
+            "each torchrun process would compute on its share; expected 0 under torchrun"
+        )
+
+
 def _device(name: str, world: World) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -298,8 +325,9 @@ def _fit(
         return run
 
     n_train = len(train_set)
-    # The global batch; every rank computes rows rank::world of it (batch_size divides evenly).
-    batch_size = min(tc.batch_size, n_train - n_train % world.size)
+    # The global batch; every rank computes rows rank::world of it (batch_size divides evenly,
+    # and under torchrun there are at least batch_size images: see _session).
+    batch_size = min(tc.batch_size, n_train)
     # Drop the last partial batch: every step sees the same batch size (batch-norm statistics
     # from a handful of images are noise), and every image is seen within two epochs.
     steps_per_epoch = n_train // batch_size
@@ -402,6 +430,9 @@ def _step(session: _Session, x: torch.Tensor, step: int, total_steps: int) -> mo
         group["lr"] = learning_rate(tc, step, total_steps)
     compiling = session.compile_pending
     rng = _rng_states(session.device) if compiling else None
+    # A compile can fail part-way through a forward: keep what that would change (batch-norm
+    # statistics) to put it back.
+    buffers = {k: b.clone() for k, b in model.named_buffers()} if compiling else {}
     try:
         if tc.compile and session.device.type == "cuda" and session.forward is not session.eager:
             torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are consumed
@@ -417,6 +448,9 @@ def _step(session: _Session, x: torch.Tensor, step: int, total_steps: int) -> mo
               "training without it")  # fmt: skip
         session.forward, session.compile_pending = session.eager, False
         _set_rng_states(session.device, rng)
+        with torch.no_grad():
+            for k, b in model.named_buffers():
+                b.copy_(buffers[k])
         return _step(session, x, step, total_steps)
     session.compile_pending = False
     session.scaler.step(optimizer)

@@ -73,6 +73,9 @@ class GenerativeModel(nn.Module):
 
     has_encoder: bool = False
     supports_kl_warmup: bool = False  # whether train.kl_warmup_steps reaches the objective
+    # Whether the per-image terms depend on the rest of the batch (a statistic over the batch,
+    # e.g. sigma_vae's variance): such a model cannot be split over torchrun processes exactly.
+    batch_statistic: str | None = None
 
     def __init__(self, cfg: ModelConfig, shape: tuple[int, int, int]) -> None:
         super().__init__()

@@ -42,6 +42,8 @@ def capacity(cfg: BetaVAECapacityConfig, step: int) -> float:
 
 @register("beta_vae_capacity", BetaVAECapacityConfig)
 class BetaVAECapacity(VAE):
+    batch_statistic = "its penalty uses the batch-mean KL"
+
     def kl_penalty(self, kl_dims: Tensor) -> Tensor:
         kl = kl_dims.sum(-1)  # (B,)
         c = capacity(self.cfg, self.step)  # type: ignore[arg-type]

@@ -40,6 +40,8 @@ def optimal_sigma2(squared_errors: Tensor, num_dims: int, floor: float) -> Tenso
 
 @register("sigma_vae", SigmaVAEConfig)
 class SigmaVAE(VAE):
+    batch_statistic = "its decoder variance is the mean squared error over the batch"
+
     def recon_terms(self, x: Tensor, logits: Tensor) -> tuple[Tensor, Tensor]:
         m = logits.shape[0]
         flat_x = x.unsqueeze(0).expand_as(logits).flatten(0, 1)
