@@ -10,9 +10,10 @@ and batch size, the same network is trained:
 Reported: training images/s (forward + loss + backward + optimizer step), evaluation images/s
 (vaelab: ``evaluate_split``; peer: an eval-mode forward), forward FLOPs per image
 (torch.utils.flop_counter), achieved GFLOP/s (3 x forward per training image) and its share of
-the matmul peak measured in the same run, and the ratio to each peer. Every rate is the median
-of --reps repetitions after warm-up. On a CPU, the run refuses to report when other processes
-used more than 10% of the CPUs meanwhile (--force reports anyway, marked).
+the matmul peak measured in the same run, and the ratio to each peer (the median of the ratios
+within each repetition). Every rate is the median of --reps repetitions after warm-up. On a
+CPU, the run refuses to report when other processes used more than 10% of the CPUs meanwhile
+(--force reports anyway, marked).
 
     python benchmarks/throughput.py [--device cpu|cuda] [--nets celeba64 mnist]
         [--batches 64 144] [--reps 5] [--min-seconds 1] [--compile] [--out FILE]
@@ -344,9 +345,15 @@ def table_rows(
     def median(c: Contender) -> float:
         return statistics.median(c.train)
 
-    plain = median(contenders[0])
-    pythae_rate = next((median(c) for c in contenders if c.name.endswith("pythae VAE") and
-                        c.train), None)  # fmt: skip
+    def paired(c: Contender, peer: Contender | None) -> float | None:
+        """The median over repetitions of the ratio to ``peer`` timed in the same repetition:
+        steadier than a ratio of medians when the machine's speed drifts."""
+        if peer is None or not peer.train:
+            return None
+        return statistics.median(a / b for a, b in zip(c.train, peer.train, strict=True))
+
+    plain = contenders[0]
+    pythae_peer = next((c for c in contenders if c.name.endswith("pythae VAE")), None)
     rows = []
     for c in contenders:
         if not c.train:
@@ -369,8 +376,8 @@ def table_rows(
                 "achieved_gflops": round(gflops, 1),
                 "share_of_peak": round(gflops / peak[precision], 3),
                 "peak_used": precision,
-                "x_plain_loop": round(rate / plain, 2),
-                "x_pythae": None if pythae_rate is None else round(rate / pythae_rate, 2),
+                "x_plain_loop": round(paired(c, plain) or 0.0, 2),
+                "x_pythae": None if (x := paired(c, pythae_peer)) is None else round(x, 2),
             }
         )
     return rows
