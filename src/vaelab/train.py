@@ -124,6 +124,7 @@ class _Session:
     board: _Board
     eager: Callable[[torch.Tensor], models.ModelOutput]  # ``forward`` without torch.compile
     compile_pending: bool  # train.compile is on and the first (compiling) step has not run
+    cuda_graphs: bool = False  # the compiled forward and backward replay as CUDA graphs
 
 
 def _session(cfg: RunConfig, splits: Splits | None) -> _Session:
@@ -182,14 +183,27 @@ def _session(cfg: RunConfig, splits: Splits | None) -> _Session:
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
     eager = forward
+    graphs = tc.compile and device.type == "cuda" and not world.distributed
     if tc.compile:
         # On a GPU the step is launch-bound (a few hundred small kernels; the GPU idles between
         # them): "reduce-overhead" replays the compiled forward and backward as CUDA graphs.
-        forward = torch.compile(forward, mode="reduce-overhead" if device.type == "cuda" else None)
+        # Not under DistributedDataParallel, whose gradient all-reduce runs between the graphs.
+        forward = torch.compile(forward, mode="reduce-overhead" if graphs else None)
     optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr, fused=tc.fused_adam or None)
     scaler = torch.amp.GradScaler(device.type, enabled=tc.precision == "fp16")
     return _Session(
-        cfg, splits, device, world, model, forward, optimizer, scaler, board, eager, tc.compile
+        cfg,
+        splits,
+        device,
+        world,
+        model,
+        forward,
+        optimizer,
+        scaler,
+        board,
+        eager,
+        tc.compile,
+        graphs,
     )
 
 
@@ -434,7 +448,7 @@ def _step(session: _Session, x: torch.Tensor, step: int, total_steps: int) -> mo
     # statistics) to put it back.
     buffers = {k: b.clone() for k, b in model.named_buffers()} if compiling else {}
     try:
-        if tc.compile and session.device.type == "cuda" and session.forward is not session.eager:
+        if session.cuda_graphs and session.forward is not session.eager:
             torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are consumed
         with _autocast(tc.precision, session.device):
             out = session.forward(x)
