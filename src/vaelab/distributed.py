@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.distributed.nn.functional import all_reduce as differentiable_all_reduce
 
 
 @dataclass(frozen=True)
@@ -87,6 +87,27 @@ def broadcast_object(value: object, world: World) -> object:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+class _AllSum(torch.autograd.Function):
+    """The sum over ranks, differentiable: the gradient of a sum over ranks is the sum over
+    ranks of the gradients (every rank's loss depends on every rank's input)."""
+
+    @staticmethod
+    def forward(ctx: Any, t: Tensor) -> Tensor:
+        t = t.clone()
+        dist.all_reduce(t)
+        return t
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+def differentiable_all_reduce(t: Tensor) -> Tensor:
+    return _AllSum.apply(t)
 
 
 class GlobalBatchNorm2d(nn.BatchNorm2d):
