@@ -142,3 +142,18 @@ def test_sharded_noise_is_the_single_process_noise(n):
         assert torch.equal(flips, whole[1][rank::2])
     with noise_shard(0, 2, n), pytest.raises(RuntimeError, match="holds"):
         batch_randn((2, n, 5), 1, device="cpu")
+
+
+def test_an_odd_validation_batch_is_split_and_summed_exactly(tmp_path):
+    # shapes: 459 train / 51 val images; batch 64: one validation batch of 51, split 26 + 25.
+    args = [*ARGS, "data.name=shapes", "data.subset=510", "train.batch_size=64", "train.epochs=1"]
+    _train(1, "--out", str(tmp_path / "one"), *args)
+    _train(2, "--out", str(tmp_path / "two"), *args)
+    one, two = (
+        [json.loads(line) for line in (tmp_path / r / "metrics.jsonl").read_text().splitlines()]
+        for r in ("one", "two")
+    )
+    assert one[-1]["split"] == two[-1]["split"] == "val"
+    for key in ("elbo_nats", "recon", "kl"):
+        assert two[-1][key] == pytest.approx(one[-1][key], rel=1e-6)  # weights ~1e-7 apart
+    assert _max_diff(_weights(tmp_path / "one"), _weights(tmp_path / "two")) < 1e-4
