@@ -29,7 +29,7 @@ from vaelab.checkpoint import read_metrics
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from throughput import machine, synthetic_splits  # noqa: E402
+from throughput import machine, run_config, synthetic_splits  # noqa: E402
 
 CELEBA_TRAIN, CELEBA_VAL = 162_770, 19_867
 
@@ -50,15 +50,14 @@ def main() -> None:
     t = time.perf_counter()
     splits = synthetic_splits((3, 64, 64), args.train_images, n_val)
     made = time.perf_counter() - t
-    cfg = vaelab.load_config(
-        HERE.parent / "configs" / "celeba_vae.yaml",
+    cfg = run_config(
+        "celeba64",
         [
             f"train.epochs={args.epochs}",
+            f"train.compile={str(args.compile).lower()}",
             f"train.device={args.device}",
             f"train.precision={args.precision}",
             f"train.channels_last={str(args.channels_last).lower()}",
-            f"train.compile={str(args.compile).lower()}",
-            "train.progress=false",
         ],
     )
     with tempfile.TemporaryDirectory() as tmp:

@@ -4,15 +4,11 @@ pythae 0.1.2's own ``VAE`` model (https://github.com/clementchadebec/benchmark_V
 the way pythae's ``BaseTrainer`` does one step, with vaelab's conv encoder and decoder inside
 pythae's ``BaseEncoder``/``BaseDecoder``, so the networks are identical and the numbers measure
 the two libraries' model and training-step code. Imported by benchmarks/throughput.py.
-
-    python benchmarks/peers.py [--batch 64] [--steps 3] [--reps 5]
+benchmarks/throughput.py times it beside vaelab's step (its "peer: pythae VAE" rows).
 """
 
 from __future__ import annotations
 
-import argparse
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
@@ -95,48 +91,3 @@ def pythae_step(
             raise ArithmeticError("NaN in pythae's training loss")
 
     return step
-
-
-def pythae_train_rate(
-    shape: tuple[int, int, int],
-    widths: tuple[int, ...],
-    latent_dim: int,
-    batch: int,
-    steps: int,
-    reps: int,
-    warmup: int = 2,
-) -> float | None:
-    """Training images/s of ``pythae_step``: the median over ``reps`` repetitions of ``steps``
-    steps, after ``warmup`` untimed steps; None without pythae."""
-    step = pythae_step(shape, widths, latent_dim, batch)
-    if step is None:
-        return None
-    for _ in range(warmup):
-        step()
-    rates = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        for _ in range(steps):
-            step()
-        rates.append(batch * steps / (time.perf_counter() - t))
-    return statistics.median(rates)
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--reps", type=int, default=5)
-    args = parser.parse_args()
-    # The CelebA-64 network of configs/celeba_vae.yaml.
-    rate = pythae_train_rate(
-        (3, 64, 64), (32, 64, 128, 256, 512), 128, args.batch, args.steps, args.reps
-    )
-    if rate is None:
-        print("pythae not installed")
-    else:
-        print(f"pythae VAE (fp32, batch {args.batch}): {rate:.1f} train img/s")
-
-
-if __name__ == "__main__":
-    main()

@@ -23,7 +23,7 @@ import vaelab
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from throughput import synthetic_splits  # noqa: E402
+from throughput import run_config, synthetic_splits  # noqa: E402
 
 
 def main() -> None:
@@ -36,14 +36,13 @@ def main() -> None:
     parser.add_argument("--trace", default=None, help="write a Chrome trace (JSON) here")
     args = parser.parse_args()
     splits = synthetic_splits((3, 64, 64), args.train_images, args.train_images // 8)
-    cfg = vaelab.load_config(
-        HERE.parent / "configs" / "celeba_vae.yaml",
+    cfg = run_config(
+        "celeba64",
         [
             "train.epochs=1",
             f"train.device={args.device}",
             f"train.precision={args.precision}",
             f"train.channels_last={str(args.channels_last).lower()}",
-            "train.progress=false",
         ],
     )
     activities = [ProfilerActivity.CPU]

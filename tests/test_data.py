@@ -52,3 +52,15 @@ def test_bad_data_gives_clear_errors(tmp_path):
         build(load_config(overrides=["data.name=cifar"]).data)
     with pytest.raises(DataError, match="expected uint8"):
         ImageDataset(np.zeros((2, 4, 4, 1), dtype=np.float32))
+
+
+@pytest.mark.parametrize("binarize", [False, True])
+def test_device_images_give_the_batches_the_dataset_gives(binarize):
+    from vaelab.data.base import DeviceImages, batch_source
+
+    images = np.random.default_rng(0).integers(0, 256, (10, 5, 4, 3), np.uint8)
+    dataset = ImageDataset(images, rows=np.arange(2, 10), binarize=binarize)
+    on_device = DeviceImages(dataset, torch.device("cpu"))  # the same code a GPU runs
+    index = torch.tensor([5, 0, 7])
+    assert torch.equal(on_device.batch(index), dataset.batch(index))
+    assert batch_source(dataset, torch.device("cpu")) is dataset  # only GPUs hold a copy

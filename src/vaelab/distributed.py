@@ -80,15 +80,6 @@ def all_sum(t: Tensor, world: World) -> Tensor:
     return t
 
 
-def broadcast_object(value: object, world: World) -> object:
-    """Rank 0's ``value`` on every rank (e.g. an error to raise everywhere)."""
-    if not world.distributed:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 class _AllSum(torch.autograd.Function):
     """The sum over ranks, differentiable: the gradient of a sum over ranks is the sum over
     ranks of the gradients (every rank's loss depends on every rank's input)."""

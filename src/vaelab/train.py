@@ -40,7 +40,7 @@ from vaelab.checkpoint import (
 )
 from vaelab.config import ConfigError, RunConfig, TrainConfig, dump_yaml, load_config, to_dict
 from vaelab.data import ImageDataset, Splits
-from vaelab.data.base import DeviceImages
+from vaelab.data.base import DeviceImages, batch_source
 from vaelab.distributed import World
 from vaelab.models.base import GenerativeModel
 from vaelab.rng import noise_shard, seeded
@@ -346,10 +346,7 @@ def _fit(
     # from a handful of images are noise), and every image is seen within two epochs.
     steps_per_epoch = n_train // batch_size
     total_steps = tc.epochs * steps_per_epoch
-    # On a GPU the uint8 images live on it: a batch is an index, a gather and a division there.
-    source: ImageDataset | DeviceImages = (
-        DeviceImages(train_set, device) if DeviceImages.fits(train_set, device) else train_set
-    )
+    source = batch_source(train_set, device)
     show = tc.progress and world.is_main
     dtype = torch.float64 if tc.precision == "fp64" else torch.float32
     if world.is_main:
@@ -448,7 +445,7 @@ def _step(session: _Session, x: torch.Tensor, step: int, total_steps: int) -> mo
     # statistics) to put it back.
     buffers = {k: b.clone() for k, b in model.named_buffers()} if compiling else {}
     try:
-        if session.cuda_graphs and session.forward is not session.eager:
+        if session.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are consumed
         with _autocast(tc.precision, session.device):
             out = session.forward(x)
@@ -460,7 +457,7 @@ def _step(session: _Session, x: torch.Tensor, step: int, total_steps: int) -> mo
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         print(f"train.compile: torch.compile failed ({type(err).__name__}: {first}); "
               "training without it")  # fmt: skip
-        session.forward, session.compile_pending = session.eager, False
+        session.forward, session.compile_pending, session.cuda_graphs = session.eager, False, False
         _set_rng_states(session.device, rng)
         with torch.no_grad():
             for k, b in model.named_buffers():

@@ -129,10 +129,6 @@ class DeviceImages:
         rows = np.ascontiguousarray(dataset.uint8(slice(None)))
         self.images = torch.from_numpy(rows).to(device)
         self.binarize = dataset.binarize
-        self.device = device
-
-    def __len__(self) -> int:
-        return len(self.images)
 
     def batch(self, index: Tensor | slice, device: str | torch.device | None = None) -> Tensor:
         return to_float(self.images[index], self.binarize)
@@ -144,6 +140,12 @@ class DeviceImages:
             return False
         free, _ = torch.cuda.mem_get_info(device)
         return len(dataset) * int(np.prod(dataset.images.shape[1:])) < free // 4
+
+
+def batch_source(dataset: ImageDataset, device: torch.device) -> ImageDataset | DeviceImages:
+    """Where training batches come from: the images on the GPU when they fit there (a batch is
+    then an index, a gather and a division on the device), else the dataset itself."""
+    return DeviceImages(dataset, device) if DeviceImages.fits(dataset, device) else dataset
 
 
 @dataclass(frozen=True)
