@@ -3,11 +3,15 @@
 For each network (the CelebA-64 conv VAE of configs/celeba_vae.yaml, the default MNIST conv VAE)
 and batch size, the same network is trained:
 - the way the peers do it: a plain fp32 NCHW PyTorch loop as in AntixK/PyTorch-VAE and pythae
-  (torch.optim.Adam with its default implementation, loss.item() after every step);
+  (torch.optim.Adam with its default implementation, loss.item() after every step); and the
+  same loop in a process with vaelab's CPU memory cache (train.cpu_memory_cache), to show what
+  that process setting alone is worth;
 - by pythae's own ``VAE`` (benchmarks/peers.py), when pythae is installed (CPU only);
 - by vaelab's own training step (``vaelab.train._step``, as the trainer calls it, batches
   gathered from a uint8 dataset), in each of the trainer's fast paths.
-Reported: training images/s (forward + loss + backward + optimizer step), evaluation images/s
+Each contender runs in a process of its own, as a user runs one trainer, so what one sets in its
+process reaches no other; the processes take turns, never compute at once. Reported: training
+images/s (forward + loss + backward + optimizer step), evaluation images/s
 (vaelab: ``evaluate_split``; peer: an eval-mode forward), forward FLOPs per image
 (torch.utils.flop_counter), achieved GFLOP/s (3 x forward per training image) and its share of
 the matmul peak measured in the same run, and the ratio to each peer (the median of the ratios
@@ -26,6 +30,7 @@ import contextlib
 import importlib
 import json
 import math
+import multiprocessing as mp
 import os
 import platform
 import statistics
@@ -33,6 +38,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import numpy as np
@@ -59,10 +65,6 @@ PATHS = [
 COMPILED = ("bf16+channels_last+compile", [*PATHS[3][1], "train.compile=true"])
 # fp16 (with its gradient scaler) only on GPUs: most CPUs have no fast fp16 arithmetic.
 CUDA_PATHS = [("fp16+channels_last (grad scaler)", ["train.precision=fp16"])]
-
-
-def _none() -> None:
-    pass
 
 
 # -- the machine ------------------------------------------------------------------------------
@@ -96,6 +98,7 @@ class CpuWatch:
 
     def __init__(self) -> None:
         self.busy0, self.own0, self.wall0 = self._busy(), time.process_time(), time.time()
+        self.children_seconds = 0.0  # CPU time of this benchmark's own worker processes
 
     @staticmethod
     def _busy() -> float:
@@ -110,7 +113,7 @@ class CpuWatch:
     def others_share(self) -> float:
         """Share of all CPUs' time used by other processes since this object was made."""
         busy = self._busy() - self.busy0
-        own = time.process_time() - self.own0
+        own = time.process_time() - self.own0 + self.children_seconds
         wall = time.time() - self.wall0
         return max(0.0, busy - own) / (wall * (os.cpu_count() or 1))
 
@@ -154,8 +157,6 @@ class Contender:
     step_images: int
     evaluate: Callable[[], None] | None = None
     eval_images: int = 0
-    train: list[float] = field(default_factory=list)  # images/s, one per repetition
-    eval: list[float] = field(default_factory=list)
 
 
 def _rate(fn: Callable[[], None], calls: int, images: int, device: torch.device) -> float:
@@ -167,34 +168,91 @@ def _rate(fn: Callable[[], None], calls: int, images: int, device: torch.device)
     return images * calls / (time.perf_counter() - t)
 
 
-def measure(contenders: list[Contender], device: torch.device, args: argparse.Namespace) -> None:
-    """Warm every contender up, then time them in turn, repetition by repetition, so that a
-    drift of the machine's speed hits all of them alike; each repetition lasts at least
-    --min-seconds (and --steps steps)."""
-    calls: dict[tuple[str, str], int] = {}
-    for c in contenders:
-        for kind, fn, images in (("train", c.step, c.step_images),
-                                 ("eval", c.evaluate, c.eval_images)):  # fmt: skip
-            if fn is None:
-                continue
-            fn()  # warm-up (and, with train.compile, the compilation)
-            once = images / _rate(fn, 1, images, device)
-            calls[c.name, kind] = max(args.steps, math.ceil(args.min_seconds / once))
-    for _ in range(args.reps):
-        for c in contenders:
-            c.train.append(_rate(c.step, calls[c.name, "train"], c.step_images, device))
-    for _ in range(args.reps):
-        for c in contenders:
-            if c.evaluate is not None:
-                c.eval.append(_rate(c.evaluate, calls[c.name, "eval"], c.eval_images, device))
+def _serve(conn: Connection, make: str, args: tuple, min_seconds: float, steps: int) -> None:
+    """A worker process: build one contender, then time it whenever the parent asks."""
+    contender = globals()[make](*args)
+    if contender is None:
+        conn.send(None)
+        return
+    device = torch.device(args[2])  # every maker takes (net, batch, device, ...)
+    kinds = {"train": (contender.step, contender.step_images)}
+    if contender.evaluate is not None:
+        kinds["eval"] = (contender.evaluate, contender.eval_images)
+    calls = {}
+    for kind, (fn, images) in kinds.items():
+        fn()  # warm-up (and, with train.compile, the compilation)
+        once = images / _rate(fn, 1, images, device)
+        calls[kind] = max(steps, math.ceil(min_seconds / once))
+    conn.send((contender.name, list(kinds)))
+    while (request := conn.recv()) != "stop":
+        fn, images = kinds[request]
+        conn.send(_rate(fn, calls[request], images, device))
+    conn.send(time.process_time())
+
+
+@dataclass
+class Worker:
+    """One contender in a process of its own, as a user runs one trainer: nothing one sets in
+    its process (vaelab's CPU memory cache, torch.compile's state) reaches the others. Only one
+    worker computes at a time; the others wait on their pipe."""
+
+    name: str
+    conn: Connection
+    process: mp.process.BaseProcess
+    kinds: list[str]
+    train: list[float] = field(default_factory=list)  # images/s, one per repetition
+    eval: list[float] = field(default_factory=list)
+    cpu_seconds: float = 0.0  # the worker's own CPU time, reported when it stops
+
+    @classmethod
+    def start(cls, make: str, args: tuple, cli: argparse.Namespace) -> Worker | None:
+        ctx = mp.get_context("spawn")
+        conn, child = ctx.Pipe()
+        process = ctx.Process(target=_serve, args=(child, make, args, cli.min_seconds, cli.steps))
+        process.start()
+        try:
+            ready = conn.recv()
+        except EOFError:
+            sys.exit(f"throughput.py: the worker for {make}{args} failed (see above)")
+        if ready is None:
+            process.join()
+            return None
+        return cls(ready[0], conn, process, ready[1])
+
+    def time(self, kind: str) -> float:
+        self.conn.send(kind)
+        return self.conn.recv()
+
+    def stop(self) -> None:
+        self.conn.send("stop")
+        self.cpu_seconds = self.conn.recv()
+        self.process.join()
+
+
+def measure(workers: list[Worker], reps: int) -> None:
+    """Time the contenders in turn, repetition by repetition, so that a drift of the machine's
+    speed hits all of them alike; each repetition lasts at least --min-seconds (and --steps
+    steps)."""
+    for kind in ("train", "eval"):
+        for _ in range(reps):
+            for w in workers:
+                if kind in w.kinds:
+                    getattr(w, kind).append(w.time(kind))
+    for w in workers:
+        w.stop()
 
 
 # -- the peers' loop and vaelab's step --------------------------------------------------------
 
 
-def plain_loop(net: str, batch: int, device: torch.device) -> Contender:
+def plain_loop(net: str, batch: int, device: str, memory_cache: bool = False) -> Contender:
     """The same network trained as in PyTorch-VAE and pythae: fp32, NCHW, default Adam, the
-    loss read after every step."""
+    loss read after every step. ``memory_cache``: in a process with vaelab's CPU memory cache
+    (``train.cpu_memory_cache``), to show what that setting alone is worth."""
+    name = "peer: plain fp32 loop"
+    if memory_cache:
+        importlib.import_module("vaelab.train").cache_cpu_memory()
+        name = "peer: plain loop + memory cache"
     torch.manual_seed(0)
     model = models.build(run_config(net, []).model, NETS[net][0]).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -213,10 +271,10 @@ def plain_loop(net: str, batch: int, device: torch.device) -> Contender:
         with torch.no_grad():
             model(x).loss.sum().item()
 
-    return Contender("peer: plain fp32 loop", step, batch, evaluate, batch)
+    return Contender(name, step, batch, evaluate, batch)
 
 
-def pythae(net: str, batch: int) -> Contender | None:
+def pythae(net: str, batch: int, device: str) -> Contender | None:
     try:
         from peers import pythae_step
     except ImportError:
@@ -227,11 +285,12 @@ def pythae(net: str, batch: int) -> Contender | None:
 
 
 def vaelab_contender(
-    net: str, batch: int, device: torch.device, label: str, overrides: list[str]
+    net: str, batch: int, device_name: str, label: str, overrides: list[str]
 ) -> Contender:
     """vaelab's training step as ``_fit`` runs it: indices -> uint8 gather -> float batch
     (-> channels-last) -> ``_step`` (autocast, fused Adam, no host sync); and ``evaluate_split``
     on a validation set of 4 batches."""
+    device = torch.device(device_name)
     trainer = importlib.import_module("vaelab.train")
     cfg = run_config(net, [*overrides, f"train.device={device.type}", f"train.batch_size={batch}"])
     splits = synthetic_splits(NETS[net][0], 8 * batch, 4 * batch)
@@ -310,17 +369,21 @@ def main() -> None:
             flops = forward_flops(net)
             for batch in args.batches:
                 print(f"{net}, batch {batch}: building and warming up ...", flush=True)
-                contenders = [plain_loop(net, batch, device)]
+                dev = device.type
+                jobs = [("plain_loop", (net, batch, dev)), ("plain_loop", (net, batch, dev, True))]
                 if device.type == "cpu" and not args.no_pythae:
-                    contenders.append(pythae(net, batch) or Contender("peer: pythae VAE", _none, 0))
+                    jobs.append(("pythae", (net, batch, dev)))
                 paths = PATHS + (CUDA_PATHS if device.type == "cuda" else [])
                 if args.compile and batch in args.compile_batches:
                     paths = [*paths, COMPILED]
-                contenders += [vaelab_contender(net, batch, device, *p) for p in paths]
-                installed = [c for c in contenders if c.step_images]
-                measure(installed, device, args)
-                rows += table_rows(net, batch, flops, peak, contenders)
-                print_rows(rows[-len(installed) :])
+                jobs += [("vaelab_contender", (net, batch, dev, *p)) for p in paths]
+                workers = [w for make, a in jobs if (w := Worker.start(make, a, args))]
+                if device.type == "cpu" and not args.no_pythae and len(workers) < len(jobs):
+                    print("  peer: pythae VAE: not installed (pip install 'vaelab[bench]')")
+                measure(workers, args.reps)
+                watch.children_seconds += sum(w.cpu_seconds for w in workers)
+                rows += table_rows(net, batch, flops, peak, workers)
+                print_rows(rows[-len(workers) :])
         others = watch.others_share()
     record = {
         "machine": machine(device),
@@ -338,12 +401,12 @@ def main() -> None:
 
 
 def table_rows(
-    net: str, batch: int, flops: float, peak: dict[str, float], contenders: list[Contender]
+    net: str, batch: int, flops: float, peak: dict[str, float], contenders: list[Worker]
 ) -> list[dict]:
-    def median(c: Contender) -> float:
+    def median(c: Worker) -> float:
         return statistics.median(c.train)
 
-    def paired(c: Contender, peer: Contender | None) -> float | None:
+    def paired(c: Worker, peer: Worker | None) -> float | None:
         """The median over repetitions of the ratio to ``peer`` timed in the same repetition:
         steadier than a ratio of medians when the machine's speed drifts."""
         if peer is None or not peer.train:
@@ -354,9 +417,6 @@ def table_rows(
     pythae_peer = next((c for c in contenders if c.name.endswith("pythae VAE")), None)
     rows = []
     for c in contenders:
-        if not c.train:
-            print(f"  {c.name}: not installed (pip install 'vaelab[bench]')")
-            continue
         rate = median(c)
         # The half-precision peak for bf16 and fp16 paths (they use the same units).
         precision = "bf16" if "bf16" in c.name or "fp16" in c.name else "fp32"

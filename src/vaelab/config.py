@@ -101,6 +101,10 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model (falls back to eager, with a message)
     fused_adam: bool = True  # Adam's fused kernel (false: torch's default implementation)
     log_every: int = 50  # read the loss (NaN check, progress bar) every this many steps
+    # CPU: the process keeps freed memory for reuse (glibc) instead of returning each large
+    # tensor's pages to the OS and faulting them in again on the next allocation
+    cpu_memory_cache: bool = True
+    fast_layers: bool = True  # CPU: layers with a faster path in vaelab.nets.fast take it
     progress: bool = True  # a tqdm bar per epoch
     tensorboard: bool = False  # also log scalars and images to RUN/tensorboard (optional extra)
 
