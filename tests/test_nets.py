@@ -5,7 +5,7 @@ import torch
 
 from vaelab.config import load_config
 from vaelab.models import build
-from vaelab.nets.fast import SummedBiasConvTranspose2d, speed_up
+from vaelab.nets.fast import FastConv2d, FastConvTranspose2d, speed_up
 
 
 @pytest.mark.parametrize(
@@ -42,49 +42,83 @@ def test_conv_widths_change_the_network():
     assert count(big) > count(small)
 
 
-@pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("size, output_padding", [(3, 1), (4, 0), (5, 1)])
-def test_summed_bias_conv_transpose_matches_torch_in_fp64(size, output_padding, channels_last):
-    torch.manual_seed(0)
-    ref = torch.nn.ConvTranspose2d(5, 4, 3, stride=2, padding=1, output_padding=output_padding)
-    fast = copy.deepcopy(ref)
-    speed_up(fast)
-    assert type(fast) is SummedBiasConvTranspose2d
-    ref, fast = ref.double(), fast.double()
-    x = torch.randn(3, 5, size, size, dtype=torch.float64)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
+def _same_results(ref, fast, x, **kwargs):
+    """fp64 outputs and every gradient of ``fast`` equal ``ref``'s to 1e-12."""
+    ref.zero_grad()
+    fast.zero_grad()
     x_ref, x_fast = x.clone().requires_grad_(), x.clone().requires_grad_()
-    y_ref, y_fast = ref(x_ref), fast(x_fast)
+    y_ref, y_fast = ref(x_ref, **kwargs), fast(x_fast, **kwargs)
     grad = torch.randn_like(y_ref)
     y_ref.backward(grad)
     y_fast.backward(grad)
     torch.testing.assert_close(y_fast, y_ref, rtol=0, atol=1e-12)
     torch.testing.assert_close(x_fast.grad, x_ref.grad, rtol=0, atol=1e-12)
-    torch.testing.assert_close(fast.weight.grad, ref.weight.grad, rtol=0, atol=1e-12)
-    torch.testing.assert_close(fast.bias.grad, ref.bias.grad, rtol=0, atol=1e-12)
-    # output_size picks the output padding, as in torch
-    other = fast(x, output_size=[2 * size, 2 * size])
-    torch.testing.assert_close(other, ref(x, output_size=[2 * size, 2 * size]))
+    for name, param in ref.named_parameters():
+        torch.testing.assert_close(fast.get_parameter(name).grad, param.grad, rtol=0, atol=1e-12)
 
 
-def test_summed_bias_conv_transpose_under_bf16_autocast():
+def _fast_copy(layer):
+    fast = speed_up(copy.deepcopy(layer))
+    assert type(fast) in (FastConv2d, FastConvTranspose2d)
+    return fast
+
+
+# sizes on both sides of FEW_PIXELS: the matrix-product path and torch's convolution
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize(
+    "size, output_padding, bias", [(1, 1, True), (2, 1, True), (2, 0, False), (3, 1, True),
+                                   (4, 0, True), (5, 1, False)],
+)  # fmt: skip
+def test_fast_conv_transpose_matches_torch_in_fp64(size, output_padding, bias, channels_last):
     torch.manual_seed(0)
-    ref = torch.nn.ConvTranspose2d(8, 6, 3, stride=2, padding=1, output_padding=1)
-    fast = speed_up(copy.deepcopy(ref))
-    x = torch.randn(4, 8, 5, 5)
-    grads = []
-    for layer in (ref, fast):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            y = layer(x)
-        assert y.dtype == torch.bfloat16
-        (y.float() ** 2).sum().backward()
-        grads.append(layer.bias.grad)
-        assert layer.bias.grad.dtype == torch.float32  # the master weights' dtype
-    torch.testing.assert_close(grads[1], grads[0], rtol=2e-2, atol=1e-2)
+    ref = torch.nn.ConvTranspose2d(
+        5, 4, 3, stride=2, padding=1, output_padding=output_padding, bias=bias
+    ).double()
+    x = torch.randn(3, 5, size, size, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    _same_results(ref, _fast_copy(ref), x)
+    # output_size picks the output padding, as in torch
+    _same_results(ref, _fast_copy(ref), x, output_size=[2 * size, 2 * size])
 
 
-def test_speed_up_keeps_the_parameters_and_swaps_only_transposed_convolutions():
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize(
+    "size, stride, padding, bias",
+    [(4, 2, 1, True), (3, 2, 1, False), (2, 1, 1, True), (5, 2, 0, True), (8, 2, 1, True),
+     (6, 1, 1, True)],
+)  # fmt: skip
+def test_fast_conv_matches_torch_in_fp64(size, stride, padding, bias, channels_last):
+    torch.manual_seed(0)
+    ref = torch.nn.Conv2d(6, 5, 3, stride=stride, padding=padding, bias=bias).double()
+    x = torch.randn(3, 6, size, size + 1, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    _same_results(ref, _fast_copy(ref), x)
+
+
+@pytest.mark.parametrize("size", [2, 8])  # the matrix-product path, the summed-bias path
+def test_fast_layers_under_bf16_autocast(size):
+    torch.manual_seed(0)
+    for ref in (
+        torch.nn.ConvTranspose2d(8, 6, 3, stride=2, padding=1, output_padding=1),
+        torch.nn.Conv2d(8, 6, 3, stride=2, padding=1),
+    ):
+        fast = _fast_copy(ref)
+        x = torch.randn(4, 8, size, size)
+        grads = []
+        for layer in (ref, fast):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y = layer(x)
+            assert y.dtype == torch.bfloat16
+            (y.float() ** 2).sum().backward()
+            assert layer.weight.grad.dtype == layer.bias.grad.dtype == torch.float32
+            grads.append((layer.weight.grad, layer.bias.grad))
+        for a, b in zip(grads[1], grads[0], strict=True):
+            torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2 * b.abs().max().item())
+
+
+def test_speed_up_keeps_the_parameters_and_swaps_the_convolutions():
     cfg = load_config(overrides=["model.widths=[4,8]", "model.latent_dim=2"])
     model = build(cfg.model, (1, 8, 8))
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -94,6 +128,6 @@ def test_speed_up_keeps_the_parameters_and_swaps_only_transposed_convolutions():
     assert list(after) == list(before)
     assert all(torch.equal(after[k], before[k]) for k in before)
     swapped = [type(m) for m in model.modules()]
-    assert swapped.count(SummedBiasConvTranspose2d) == kinds.count(torch.nn.ConvTranspose2d) == 2
-    assert torch.nn.ConvTranspose2d not in swapped
-    assert swapped.count(torch.nn.Conv2d) == kinds.count(torch.nn.Conv2d)
+    assert swapped.count(FastConvTranspose2d) == kinds.count(torch.nn.ConvTranspose2d) == 2
+    assert swapped.count(FastConv2d) == kinds.count(torch.nn.Conv2d) == 3
+    assert torch.nn.ConvTranspose2d not in swapped and torch.nn.Conv2d not in swapped

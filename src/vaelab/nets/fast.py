@@ -1,24 +1,61 @@
-"""Faster CPU computations of layers the conv networks use: the same parameters and the same
+"""Faster CPU computations of the conv networks' layers: the same parameters and the same
 results up to rounding, so checkpoints and ``state_dict`` keys do not change.
 
-``speed_up(model)`` swaps the class of each layer that has a faster path here for a subclass
-that only overrides ``forward`` (as ``SyncBatchNorm.convert_sync_batchnorm`` swaps batch norms).
-A swapped layer takes its parent's ``forward`` for input the fast path does not cover (a CUDA
-tensor). The trainer applies it when ``train.fast_layers`` is on.
+``speed_up(model)`` swaps the class of each ``nn.Conv2d`` and ``nn.ConvTranspose2d`` for a
+subclass that only overrides ``forward`` (as ``SyncBatchNorm.convert_sync_batchnorm`` swaps batch
+norms). Each call picks its path from the input; anything a fast path does not cover (a CUDA
+tensor, groups, dilation) takes torch's own. The trainer applies it when ``train.fast_layers`` is
+on. Measured on 2 cores, CelebA-64 network, batch 64, bf16 (benchmarks/throughput.py):
 
-- ``SummedBiasConvTranspose2d``: on CPUs, torch's ``convolution_backward`` computes a transposed
-  convolution's bias gradient (the sum of the output gradient over batch and pixels) about ten
-  times slower than a plain sum: 21 ms of the 31 ms backward of the CelebA-64 decoder's last
-  32 -> 32 channel layer at batch 64 in bf16, measured on 2 cores. Here the backward asks
-  ``convolution_backward`` for the input and weight gradients only and sums the bias gradient
-  itself, accumulating in fp32.
+- Transposed convolutions: torch's CPU ``convolution_backward`` computes the bias gradient (the
+  sum of the output gradient over batch and pixels) about ten times slower than a plain sum:
+  21 ms of the 31 ms backward of the decoder's last 32 -> 32 channel layer. Here the backward
+  asks ``convolution_backward`` for the input and weight gradients only and sums the bias
+  gradient itself (in bf16, torch accumulates in fp32 and rounds once, as oneDNN does).
+- Convolutions over a few pixels (the encoder's 4x4 -> 2x2 and the decoder's 2x2 -> 4x4 layers,
+  256 and 512 channels): oneDNN runs them at about a third of the matmul peak. Here they are one
+  matrix product over the kernel taps (im2col: at most ``FEW_PIXELS`` positions per image, so the
+  unfolded input is small), about 1.6x faster with the backward pass.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx
+
+FEW_PIXELS = 4  # a convolution with at most this many output (transposed: input) pixels per
+# image and channel is one matrix product
+
+
+def _plain(layer: nn.Conv2d | nn.ConvTranspose2d, x: Tensor) -> bool:
+    """The layers the fast paths cover: 2-d on a CPU, dense, no dilation, zero padding."""
+    return (
+        x.device.type == "cpu"
+        and x.dim() == 4
+        and layer.groups == 1
+        and layer.dilation == (1, 1)
+        and layer.padding_mode == "zeros"
+        and isinstance(layer.padding, tuple)  # not padding="same"
+    )
+
+
+def _conv_size(layer: nn.Conv2d, x: Tensor) -> tuple[int, int]:
+    (kh, kw), (sh, sw), (ph, pw) = layer.kernel_size, layer.stride, layer.padding
+    return (x.shape[2] + 2 * ph - kh) // sh + 1, (x.shape[3] + 2 * pw - kw) // sw + 1
+
+
+def _unfold(layer: nn.Conv2d, x: Tensor, ho: int, wo: int) -> Tensor:
+    """(B, C, H, W) -> rows (B Ho Wo, kh kw C): the input under each kernel position."""
+    (kh, kw), (sh, sw), (ph, pw) = layer.kernel_size, layer.stride, layer.padding
+    padded = F.pad(x, (pw, pw, ph, ph)).permute(0, 2, 3, 1)  # (B, H + 2 ph, W + 2 pw, C)
+    taps = [
+        padded[:, p : p + sh * (ho - 1) + 1 : sh, q : q + sw * (wo - 1) + 1 : sw, :]
+        for p in range(kh)
+        for q in range(kw)
+    ]
+    return torch.stack(taps, dim=3).reshape(x.shape[0] * ho * wo, -1)
 
 
 class _ConvTransposeSummedBias(torch.autograd.Function):
@@ -52,21 +89,38 @@ class _ConvTransposeSummedBias(torch.autograd.Function):
         )
         grad_b = None
         if ctx.needs_input_grad[2]:
-            accumulate = torch.promote_types(grad.dtype, torch.float32)
-            grad_b = grad.sum(dim=(0, 2, 3), dtype=accumulate).to(grad.dtype)
+            grad_b = grad.sum(dim=(0, 2, 3))  # bf16 is summed in fp32 and rounded once
         return grad_x, grad_w, grad_b, None
 
 
-class SummedBiasConvTranspose2d(nn.ConvTranspose2d):
-    """``nn.ConvTranspose2d`` whose bias gradient is a plain sum (see the module's docstring)."""
+class FastConv2d(nn.Conv2d):
+    """``nn.Conv2d``; one matrix product when the output has at most ``FEW_PIXELS`` pixels."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not _plain(self, x) or (size := _conv_size(self, x))[0] * size[1] > FEW_PIXELS:
+            return super().forward(x)
+        ho, wo = size
+        rows = _unfold(self, x, ho, wo)
+        weight = self.weight.permute(0, 2, 3, 1).reshape(self.out_channels, -1)  # (O, kh kw C)
+        y = rows @ weight.t() if self.bias is None else torch.addmm(self.bias, rows, weight.t())
+        return y.view(x.shape[0], ho, wo, -1).permute(0, 3, 1, 2)  # channels-last (B, O, Ho, Wo)
+
+
+class FastConvTranspose2d(nn.ConvTranspose2d):
+    """``nn.ConvTranspose2d``; one matrix product when the input has at most ``FEW_PIXELS``
+    pixels, else torch's convolution with the bias gradient summed apart."""
 
     def forward(self, x: Tensor, output_size: list[int] | None = None) -> Tensor:
-        if x.device.type != "cpu" or self.bias is None or x.dim() != 4:
+        if not _plain(self, x):
             return super().forward(x, output_size)
         output_padding = self._output_padding(
             x, output_size, list(self.stride), list(self.padding), list(self.kernel_size), 2,
             list(self.dilation),
         )  # fmt: skip
+        if x.shape[2] * x.shape[3] <= FEW_PIXELS:
+            return self._matmul(x, output_padding)
+        if self.bias is None:
+            return super().forward(x, output_size)
         geometry = (
             list(self.stride),
             list(self.padding),
@@ -81,10 +135,36 @@ class SummedBiasConvTranspose2d(nn.ConvTranspose2d):
         with torch.autocast("cpu", enabled=False):
             return _ConvTransposeSummedBias.apply(x, weight, bias, geometry)
 
+    def _matmul(self, x: Tensor, output_padding: list[int]) -> Tensor:
+        """Each input pixel times the kernel, (B H W, C) @ (C, kh kw O), then each tap's plane
+        added into the output at its offset (col2im), accumulating in fp32 or wider."""
+        b, c, h, w = x.shape
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        ho = (h - 1) * sh - 2 * ph + kh + output_padding[0]
+        wo = (w - 1) * sw - 2 * pw + kw + output_padding[1]
+        rows = x.permute(0, 2, 3, 1).reshape(b * h * w, c)
+        weight = self.weight.permute(0, 2, 3, 1).reshape(c, -1)  # (C, kh kw O)
+        cols = (rows @ weight).view(b, h, w, kh, kw, self.out_channels)
+        # Output pixel o (padded: o + padding) gets input pixel i through tap p = o + pad - s i.
+        size = (max((h - 1) * sh + kh, ho + ph), max((w - 1) * sw + kw, wo + pw))
+        acc = cols.new_zeros((b, *size, self.out_channels),
+                             dtype=torch.promote_types(cols.dtype, torch.float32))  # fmt: skip
+        for p in range(kh):
+            for q in range(kw):
+                acc[:, p : p + sh * (h - 1) + 1 : sh, q : q + sw * (w - 1) + 1 : sw] += cols[
+                    :, :, :, p, q
+                ]
+        y = acc[:, ph : ph + ho, pw : pw + wo].to(cols.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.permute(0, 3, 1, 2)  # channels-last (B, O, Ho, Wo)
+
 
 def speed_up(model: nn.Module) -> nn.Module:
     """Give each layer of ``model`` that has a faster path here that path, in place."""
     for module in model.modules():
-        if type(module) is nn.ConvTranspose2d and module.padding_mode == "zeros":
-            module.__class__ = SummedBiasConvTranspose2d
+        if type(module) is nn.Conv2d:
+            module.__class__ = FastConv2d
+        elif type(module) is nn.ConvTranspose2d:
+            module.__class__ = FastConvTranspose2d
     return model
