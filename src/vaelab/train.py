@@ -138,7 +138,7 @@ def cache_cpu_memory() -> bool:
 
     glibc hands every allocation above 32 MiB (a CelebA-64 activation at batch 64 in fp32 is
     33.5 MB) straight to the OS with mmap and unmaps it when freed, so each step faults every
-    page of those tensors in again: the plain fp32 loop spends about a third of its time there
+    page of those tensors in again: the plain fp32 loop spends about 40% of its time there
     (benchmarks/throughput.py). With mmap off and trimming raised, freed memory stays in the
     heap and is reused, as PyTorch's CUDA caching allocator does on GPUs. The cost: the
     process's resident memory stays at its peak until it exits.
