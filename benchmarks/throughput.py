@@ -40,6 +40,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -169,21 +170,23 @@ def _rate(fn: Callable[[], None], calls: int, images: int, device: torch.device)
 
 
 def _serve(conn: Connection, make: str, args: tuple, min_seconds: float, steps: int) -> None:
-    """A worker process: build one contender, then time it whenever the parent asks."""
+    """A worker process: build one contender, then (when asked: one worker at a time) warm it
+    up and time it whenever the parent asks."""
     contender = globals()[make](*args)
+    conn.send(None if contender is None else contender.name)
     if contender is None:
-        conn.send(None)
         return
     device = torch.device(args[2])  # every maker takes (net, batch, device, ...)
     kinds = {"train": (contender.step, contender.step_images)}
     if contender.evaluate is not None:
         kinds["eval"] = (contender.evaluate, contender.eval_images)
+    conn.recv()  # "warm"
     calls = {}
     for kind, (fn, images) in kinds.items():
         fn()  # warm-up (and, with train.compile, the compilation)
         once = images / _rate(fn, 1, images, device)
         calls[kind] = max(steps, math.ceil(min_seconds / once))
-    conn.send((contender.name, list(kinds)))
+    conn.send(list(kinds))
     while (request := conn.recv()) != "stop":
         fn, images = kinds[request]
         conn.send(_rate(fn, calls[request], images, device))
@@ -193,40 +196,67 @@ def _serve(conn: Connection, make: str, args: tuple, min_seconds: float, steps: 
 @dataclass
 class Worker:
     """One contender in a process of its own, as a user runs one trainer: nothing one sets in
-    its process (vaelab's CPU memory cache, torch.compile's state) reaches the others. Only one
-    worker computes at a time; the others wait on their pipe."""
+    its process (vaelab's CPU memory cache, torch.compile's state) reaches the others. The
+    workers start (import torch, build the model) side by side; then each warms up and is timed
+    in turn: only one computes at a time, the others wait on their pipe."""
 
-    name: str
+    job: str
     conn: Connection
     process: mp.process.BaseProcess
-    kinds: list[str]
+    name: str = ""
+    kinds: list[str] = field(default_factory=list)
     train: list[float] = field(default_factory=list)  # images/s, one per repetition
     eval: list[float] = field(default_factory=list)
     cpu_seconds: float = 0.0  # the worker's own CPU time, reported when it stops
 
     @classmethod
-    def start(cls, make: str, args: tuple, cli: argparse.Namespace) -> Worker | None:
+    def launch(cls, make: str, args: tuple, cli: argparse.Namespace) -> Worker:
         ctx = mp.get_context("spawn")
         conn, child = ctx.Pipe()
         process = ctx.Process(target=_serve, args=(child, make, args, cli.min_seconds, cli.steps))
         process.start()
+        return cls(f"{make}{args}", conn, process)
+
+    def _receive(self) -> Any:
         try:
-            ready = conn.recv()
+            return self.conn.recv()
         except EOFError:
-            sys.exit(f"throughput.py: the worker for {make}{args} failed (see above)")
-        if ready is None:
-            process.join()
-            return None
-        return cls(ready[0], conn, process, ready[1])
+            sys.exit(f"throughput.py: the worker for {self.job} failed (see above)")
+
+    def built(self) -> bool:
+        """Wait for the worker's contender; False if it has none (pythae not installed)."""
+        self.name = self._receive()
+        if self.name is None:
+            self.process.join()
+        return self.name is not None
+
+    def warm(self) -> None:
+        self.conn.send("warm")
+        self.kinds = self._receive()
 
     def time(self, kind: str) -> float:
         self.conn.send(kind)
-        return self.conn.recv()
+        return self._receive()
 
     def stop(self) -> None:
         self.conn.send("stop")
-        self.cpu_seconds = self.conn.recv()
+        self.cpu_seconds = self._receive()
         self.process.join()
+
+
+@contextlib.contextmanager
+def launched(jobs: list[tuple[str, tuple]], cli: argparse.Namespace) -> Iterator[list[Worker]]:
+    """The workers of ``jobs`` that have a contender, warmed up; none is left running after."""
+    workers = [Worker.launch(make, a, cli) for make, a in jobs]
+    try:
+        ready = [w for w in workers if w.built()]
+        for w in ready:
+            w.warm()
+        yield ready
+    finally:
+        for w in workers:
+            if w.process.is_alive():
+                w.process.terminate()
 
 
 def measure(workers: list[Worker], reps: int) -> None:
@@ -370,17 +400,21 @@ def main() -> None:
             for batch in args.batches:
                 print(f"{net}, batch {batch}: building and warming up ...", flush=True)
                 dev = device.type
-                jobs = [("plain_loop", (net, batch, dev)), ("plain_loop", (net, batch, dev, True))]
-                if device.type == "cpu" and not args.no_pythae:
-                    jobs.append(("pythae", (net, batch, dev)))
+                jobs = [("plain_loop", (net, batch, dev))]
+                if device.type == "cpu":  # the memory cache is a CPU setting
+                    jobs.append(("plain_loop", (net, batch, dev, True)))
+                    if not args.no_pythae:
+                        jobs.append(("pythae", (net, batch, dev)))
                 paths = PATHS + (CUDA_PATHS if device.type == "cuda" else [])
                 if args.compile and batch in args.compile_batches:
                     paths = [*paths, COMPILED]
                 jobs += [("vaelab_contender", (net, batch, dev, *p)) for p in paths]
-                workers = [w for make, a in jobs if (w := Worker.start(make, a, args))]
-                if device.type == "cpu" and not args.no_pythae and len(workers) < len(jobs):
-                    print("  peer: pythae VAE: not installed (pip install 'vaelab[bench]')")
-                measure(workers, args.reps)
+                with launched(jobs, args) as workers:
+                    if any(make == "pythae" for make, _ in jobs) and not any(
+                        w.name.endswith("pythae VAE") for w in workers
+                    ):
+                        print("  peer: pythae VAE: not installed (pip install 'vaelab[bench]')")
+                    measure(workers, args.reps)
                 watch.children_seconds += sum(w.cpu_seconds for w in workers)
                 rows += table_rows(net, batch, flops, peak, workers)
                 print_rows(rows[-len(workers) :])

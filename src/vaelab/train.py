@@ -200,7 +200,7 @@ def _session(cfg: RunConfig, splits: Splits | None) -> _Session:
         )
     torch.manual_seed(tc.seed)  # the same on every rank: same weights, same noise
     model = models.build(cfg.model, splits.train.shape).to(device)
-    if tc.fast_layers:
+    if tc.fast_layers and device.type == "cpu":  # the fast paths are CPU ones
         speed_up(model)
     if tc.precision == "fp64":
         model = model.double()
