@@ -5,6 +5,7 @@ import torch
 
 from vaelab.config import load_config
 from vaelab.models import build
+from vaelab.nets import fast
 from vaelab.nets.fast import FastConv2d, FastConvTranspose2d, speed_up
 
 
@@ -42,59 +43,100 @@ def test_conv_widths_change_the_network():
     assert count(big) > count(small)
 
 
-def _same_results(ref, fast, x, **kwargs):
-    """fp64 outputs and every gradient of ``fast`` equal ``ref``'s to 1e-12."""
+@pytest.fixture
+def paths(monkeypatch):
+    """Counts of the fast paths taken: "few pixels" (a matrix product) and "summed bias"."""
+    counts = {"few pixels": 0, "summed bias": 0}
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            counts[name] += 1
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(fast, "_unfold", counted("few pixels", fast._unfold))
+    monkeypatch.setattr(
+        FastConvTranspose2d, "_matmul", counted("few pixels", FastConvTranspose2d._matmul)
+    )
+    summed = fast._ConvTransposeSummedBias
+    monkeypatch.setattr(summed, "apply", counted("summed bias", summed.apply))
+    return counts
+
+
+def _same_results(ref, fast_layer, x, **kwargs):
+    """fp64 outputs and every gradient of ``fast_layer`` equal ``ref``'s to 1e-12."""
     ref.zero_grad()
-    fast.zero_grad()
+    fast_layer.zero_grad()
     x_ref, x_fast = x.clone().requires_grad_(), x.clone().requires_grad_()
-    y_ref, y_fast = ref(x_ref, **kwargs), fast(x_fast, **kwargs)
+    y_ref, y_fast = ref(x_ref, **kwargs), fast_layer(x_fast, **kwargs)
+    assert y_fast.stride() == y_ref.stride()  # the same memory format as torch's
     grad = torch.randn_like(y_ref)
     y_ref.backward(grad)
     y_fast.backward(grad)
     torch.testing.assert_close(y_fast, y_ref, rtol=0, atol=1e-12)
     torch.testing.assert_close(x_fast.grad, x_ref.grad, rtol=0, atol=1e-12)
     for name, param in ref.named_parameters():
-        torch.testing.assert_close(fast.get_parameter(name).grad, param.grad, rtol=0, atol=1e-12)
+        grad = fast_layer.get_parameter(name).grad
+        torch.testing.assert_close(grad, param.grad, rtol=0, atol=1e-12)
 
 
 def _fast_copy(layer):
-    fast = speed_up(copy.deepcopy(layer))
-    assert type(fast) in (FastConv2d, FastConvTranspose2d)
-    return fast
+    fast_layer = speed_up(copy.deepcopy(layer))
+    assert type(fast_layer) in (FastConv2d, FastConvTranspose2d)
+    return fast_layer
 
 
-# sizes on both sides of FEW_PIXELS: the matrix-product path and torch's convolution
+# sizes on both sides of FEW_PIXELS: the matrix product, then torch's convolution (with the
+# summed bias gradient when there is a bias)
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize(
     "size, output_padding, bias", [(1, 1, True), (2, 1, True), (2, 0, False), (3, 1, True),
                                    (4, 0, True), (5, 1, False)],
 )  # fmt: skip
-def test_fast_conv_transpose_matches_torch_in_fp64(size, output_padding, bias, channels_last):
+def test_fast_conv_transpose_matches_torch_in_fp64(
+    size, output_padding, bias, channels_last, paths
+):
     torch.manual_seed(0)
     ref = torch.nn.ConvTranspose2d(
         5, 4, 3, stride=2, padding=1, output_padding=output_padding, bias=bias
     ).double()
     x = torch.randn(3, 5, size, size, dtype=torch.float64)
     if channels_last:
+        ref = ref.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     _same_results(ref, _fast_copy(ref), x)
     # output_size picks the output padding, as in torch
     _same_results(ref, _fast_copy(ref), x, output_size=[2 * size, 2 * size])
+    few = size * size <= fast.FEW_PIXELS
+    assert paths == {"few pixels": 2 * few, "summed bias": 2 * (bias and not few)}
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize(
-    "size, stride, padding, bias",
-    [(4, 2, 1, True), (3, 2, 1, False), (2, 1, 1, True), (5, 2, 0, True), (8, 2, 1, True),
-     (6, 1, 1, True)],
+    "size, stride, padding, bias, few",
+    [(4, 2, 1, True, True), (3, 2, 1, False, True), (4, 2, 0, True, True),
+     (2, 1, 1, True, False), (8, 2, 1, True, False), (6, 1, 1, True, False)],
 )  # fmt: skip
-def test_fast_conv_matches_torch_in_fp64(size, stride, padding, bias, channels_last):
+def test_fast_conv_matches_torch_in_fp64(size, stride, padding, bias, few, channels_last, paths):
     torch.manual_seed(0)
     ref = torch.nn.Conv2d(6, 5, 3, stride=stride, padding=padding, bias=bias).double()
-    x = torch.randn(3, 6, size, size + 1, dtype=torch.float64)
+    x = torch.randn(3, 6, size, size, dtype=torch.float64)
     if channels_last:
+        ref = ref.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     _same_results(ref, _fast_copy(ref), x)
+    assert paths["few pixels"] == few
+
+
+def test_fast_layers_keep_torchs_answers_on_odd_input(paths):
+    conv = _fast_copy(torch.nn.Conv2d(3, 4, 3, stride=2, padding=1))
+    assert conv(torch.randn(0, 3, 4, 4)).shape == (0, 4, 2, 2)  # an empty batch
+    up = torch.nn.ConvTranspose2d(3, 4, 3, stride=2, padding=3)  # a negative output size
+    for layer in (up, _fast_copy(up)):
+        with pytest.raises(RuntimeError):  # torch's error, not an empty tensor
+            layer(torch.randn(2, 3, 2, 1))
+    assert paths["few pixels"] == 0
 
 
 @pytest.mark.parametrize("size", [2, 8])  # the matrix-product path, the summed-bias path
@@ -104,18 +146,22 @@ def test_fast_layers_under_bf16_autocast(size):
         torch.nn.ConvTranspose2d(8, 6, 3, stride=2, padding=1, output_padding=1),
         torch.nn.Conv2d(8, 6, 3, stride=2, padding=1),
     ):
-        fast = _fast_copy(ref)
+        fast_layer = _fast_copy(ref)
         x = torch.randn(4, 8, size, size)
-        grads = []
-        for layer in (ref, fast):
+        results = []
+        for layer in (ref, fast_layer):
+            xg = x.clone().requires_grad_()
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                y = layer(x)
+                y = layer(xg)
             assert y.dtype == torch.bfloat16
             (y.float() ** 2).sum().backward()
             assert layer.weight.grad.dtype == layer.bias.grad.dtype == torch.float32
-            grads.append((layer.weight.grad, layer.bias.grad))
-        for a, b in zip(grads[1], grads[0], strict=True):
+            results.append((y.float(), xg.grad, layer.weight.grad, layer.bias.grad))
+        for a, b in zip(results[1], results[0], strict=True):
             torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2 * b.abs().max().item())
+        # autocast leaves fp64 alone, and so do the fast paths
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert fast_layer.double()(x.double()).dtype == torch.float64
 
 
 def test_speed_up_keeps_the_parameters_and_swaps_the_convolutions():

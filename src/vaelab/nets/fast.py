@@ -12,10 +12,11 @@ on. Measured on 2 cores, CelebA-64 network, batch 64, bf16 (benchmarks/throughpu
   21 ms of the 31 ms backward of the decoder's last 32 -> 32 channel layer. Here the backward
   asks ``convolution_backward`` for the input and weight gradients only and sums the bias
   gradient itself (in bf16, torch accumulates in fp32 and rounds once, as oneDNN does).
-- Convolutions over a few pixels (the encoder's 4x4 -> 2x2 and the decoder's 2x2 -> 4x4 layers,
-  256 and 512 channels): oneDNN runs them at about a quarter of the matmul peak. Here they are one
-  matrix product over the kernel taps (im2col: at most ``FEW_PIXELS`` positions per image, so the
-  unfolded input is small): 1.3-1.5x faster, forward and backward, measured alone in bf16.
+- 3x3 stride-2 convolutions over a few pixels (the encoder's 4x4 -> 2x2 and the decoder's
+  2x2 -> 4x4 layers, 256 and 512 channels): oneDNN runs them at about a quarter of the matmul
+  peak. Here they are one matrix product over the kernel taps (im2col: at most ``FEW_PIXELS``
+  positions per image, so the unfolded input is small): 1.3-1.5x faster, forward and backward,
+  measured alone in bf16. Other geometries take torch's path (not measured faster).
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx
 
-FEW_PIXELS = 4  # a convolution with at most this many output (transposed: input) pixels per
-# image and channel is one matrix product
+FEW_PIXELS = 4  # a 3x3 stride-2 convolution whose small side (its output; a transposed one's
+# input) has at most this many pixels per image and channel is one matrix product (measured
+# faster there; the other side then has at most 4 x FEW_PIXELS)
 
 
 def _plain(layer: nn.Conv2d | nn.ConvTranspose2d, x: Tensor) -> bool:
@@ -34,10 +36,42 @@ def _plain(layer: nn.Conv2d | nn.ConvTranspose2d, x: Tensor) -> bool:
     return (
         x.device.type == "cpu"
         and x.dim() == 4
+        and x.shape[0] > 0
         and layer.groups == 1
         and layer.dilation == (1, 1)
         and layer.padding_mode == "zeros"
         and isinstance(layer.padding, tuple)  # not padding="same"
+    )
+
+
+def _few_pixels(layer: nn.Conv2d | nn.ConvTranspose2d, small: int, large: int) -> bool:
+    return (
+        layer.kernel_size == (3, 3)
+        and layer.stride == (2, 2)
+        and 0 < small <= FEW_PIXELS
+        and 0 < large <= 4 * FEW_PIXELS
+    )
+
+
+def _channels_last(t: Tensor) -> bool:
+    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+def _like_torch(y: Tensor, x: Tensor, weight: Tensor) -> Tensor:
+    """``y`` in the memory format torch's CPU convolution gives: channels-last when the input
+    or the weight is."""
+    if _channels_last(x) or _channels_last(weight):
+        return y.contiguous(memory_format=torch.channels_last)
+    return y.contiguous()
+
+
+def _autocast(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """The tensors as CPU autocast would hand them to a convolution (fp64 is left alone)."""
+    if not torch.is_autocast_enabled("cpu"):
+        return tensors
+    dtype = torch.get_autocast_dtype("cpu")
+    return tuple(
+        t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t for t in tensors
     )
 
 
@@ -55,7 +89,7 @@ def _unfold(layer: nn.Conv2d, x: Tensor, ho: int, wo: int) -> Tensor:
         for p in range(kh)
         for q in range(kw)
     ]
-    return torch.stack(taps, dim=3).reshape(x.shape[0] * ho * wo, -1)
+    return torch.stack(taps, dim=3).reshape(x.shape[0] * ho * wo, kh * kw * x.shape[1])
 
 
 class _ConvTransposeSummedBias(torch.autograd.Function):
@@ -97,13 +131,16 @@ class FastConv2d(nn.Conv2d):
     """``nn.Conv2d``; one matrix product when the output has at most ``FEW_PIXELS`` pixels."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if not _plain(self, x) or (size := _conv_size(self, x))[0] * size[1] > FEW_PIXELS:
+        if not _plain(self, x):
             return super().forward(x)
-        ho, wo = size
+        ho, wo = _conv_size(self, x)
+        if not _few_pixels(self, ho * wo if ho > 0 and wo > 0 else 0, x.shape[2] * x.shape[3]):
+            return super().forward(x)
         rows = _unfold(self, x, ho, wo)
         weight = self.weight.permute(0, 2, 3, 1).reshape(self.out_channels, -1)  # (O, kh kw C)
         y = rows @ weight.t() if self.bias is None else torch.addmm(self.bias, rows, weight.t())
-        return y.view(x.shape[0], ho, wo, -1).permute(0, 3, 1, 2)  # channels-last (B, O, Ho, Wo)
+        y = y.view(x.shape[0], ho, wo, self.out_channels).permute(0, 3, 1, 2)  # (B, O, Ho, Wo)
+        return _like_torch(y, x, self.weight)
 
 
 class FastConvTranspose2d(nn.ConvTranspose2d):
@@ -117,8 +154,11 @@ class FastConvTranspose2d(nn.ConvTranspose2d):
             x, output_size, list(self.stride), list(self.padding), list(self.kernel_size), 2,
             list(self.dilation),
         )  # fmt: skip
-        if x.shape[2] * x.shape[3] <= FEW_PIXELS:
-            return self._matmul(x, output_padding)
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        ho = (x.shape[2] - 1) * sh - 2 * ph + kh + output_padding[0]
+        wo = (x.shape[3] - 1) * sw - 2 * pw + kw + output_padding[1]
+        if _few_pixels(self, x.shape[2] * x.shape[3], ho * wo if ho > 0 and wo > 0 else 0):
+            return self._matmul(x, ho, wo)
         if self.bias is None:
             return super().forward(x, output_size)
         geometry = (
@@ -128,22 +168,18 @@ class FastConvTranspose2d(nn.ConvTranspose2d):
             list(self.dilation),
             [self.groups],
         )
-        weight, bias = self.weight, self.bias
-        if torch.is_autocast_enabled("cpu"):  # autocast casts a convolution's inputs
-            dtype = torch.get_autocast_dtype("cpu")
-            x, weight, bias = x.to(dtype), weight.to(dtype), bias.to(dtype)
+        x, weight, bias = _autocast(x, self.weight, self.bias)
         with torch.autocast("cpu", enabled=False):
             return _ConvTransposeSummedBias.apply(x, weight, bias, geometry)
 
-    def _matmul(self, x: Tensor, output_padding: list[int]) -> Tensor:
-        """Each input pixel times the kernel, (B H W, C) @ (C, kh kw O), then each tap's plane
-        added into the output at its offset (col2im), accumulating in fp32 or wider."""
+    def _matmul(self, x: Tensor, ho: int, wo: int) -> Tensor:
+        """Each input pixel times the kernel, (B H W, C) @ (C, kh kw O), then each tap's
+        product added into the output at its offset (col2im) in fp32 (or fp64), the bias too,
+        and the sum rounded once to the product's dtype."""
         b, c, h, w = x.shape
         (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
-        ho = (h - 1) * sh - 2 * ph + kh + output_padding[0]
-        wo = (w - 1) * sw - 2 * pw + kw + output_padding[1]
         rows = x.permute(0, 2, 3, 1).reshape(b * h * w, c)
-        weight = self.weight.permute(0, 2, 3, 1).reshape(c, -1)  # (C, kh kw O)
+        weight = self.weight.permute(0, 2, 3, 1).reshape(c, kh * kw * self.out_channels)
         cols = (rows @ weight).view(b, h, w, kh, kw, self.out_channels)
         # Output pixel o (padded: o + padding) gets input pixel i through tap p = o + pad - s i.
         size = (max((h - 1) * sh + kh, ho + ph), max((w - 1) * sw + kw, wo + pw))
@@ -154,10 +190,10 @@ class FastConvTranspose2d(nn.ConvTranspose2d):
                 acc[:, p : p + sh * (h - 1) + 1 : sh, q : q + sw * (w - 1) + 1 : sw] += cols[
                     :, :, :, p, q
                 ]
-        y = acc[:, ph : ph + ho, pw : pw + wo].to(cols.dtype)
+        y = acc[:, ph : ph + ho, pw : pw + wo]
         if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y.permute(0, 3, 1, 2)  # channels-last (B, O, Ho, Wo)
+            y = y + self.bias.to(acc.dtype)
+        return _like_torch(y.to(cols.dtype).permute(0, 3, 1, 2), x, self.weight)
 
 
 def speed_up(model: nn.Module) -> nn.Module:
