@@ -70,7 +70,10 @@ def _same_results(ref, fast_layer, x, **kwargs):
     fast_layer.zero_grad()
     x_ref, x_fast = x.clone().requires_grad_(), x.clone().requires_grad_()
     y_ref, y_fast = ref(x_ref, **kwargs), fast_layer(x_fast, **kwargs)
-    assert y_fast.stride() == y_ref.stride()  # the same memory format as torch's
+    for layout in (torch.contiguous_format, torch.channels_last):  # torch's memory format
+        assert y_fast.is_contiguous(memory_format=layout) == y_ref.is_contiguous(
+            memory_format=layout
+        )
     grad = torch.randn_like(y_ref)
     y_ref.backward(grad)
     y_fast.backward(grad)
