@@ -10,7 +10,8 @@ and batch size, the same network is trained:
 - by vaelab's own training step (``vaelab.train._step``, as the trainer calls it, batches
   gathered from a uint8 dataset), in each of the trainer's fast paths.
 Each contender runs in a process of its own, as a user runs one trainer, so what one sets in its
-process reaches no other; the processes take turns, never compute at once. Reported: training
+process reaches no other; the processes start side by side, then warm up and are timed one at a
+time. Reported: training
 images/s (forward + loss + backward + optimizer step), evaluation images/s
 (vaelab: ``evaluate_split``; peer: an eval-mode forward), forward FLOPs per image
 (torch.utils.flop_counter), achieved GFLOP/s (3 x forward per training image) and its share of
@@ -33,6 +34,7 @@ import math
 import multiprocessing as mp
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -63,6 +65,7 @@ PATHS = [
     ("bf16", ["train.precision=bf16", "train.channels_last=false"]),
     ("bf16+channels_last", ["train.precision=bf16", "train.channels_last=true"]),
 ]
+WORKER_TIMEOUT = 1800  # seconds a worker may take to answer (a compile, a slow repetition)
 COMPILED = ("bf16+channels_last+compile", [*PATHS[3][1], "train.compile=true"])
 # fp16 (with its gradient scaler) only on GPUs: most CPUs have no fast fp16 arithmetic.
 CUDA_PATHS = [("fp16+channels_last (grad scaler)", ["train.precision=fp16"])]
@@ -98,8 +101,14 @@ class CpuWatch:
     """CPU time used by other processes while a benchmark runs (Linux /proc/stat)."""
 
     def __init__(self) -> None:
-        self.busy0, self.own0, self.wall0 = self._busy(), time.process_time(), time.time()
-        self.children_seconds = 0.0  # CPU time of this benchmark's own worker processes
+        self.busy0, self.own0, self.wall0 = self._busy(), self._own(), time.time()
+
+    @staticmethod
+    def _own() -> float:
+        """CPU time of this process and of its children that have ended (the workers, and
+        what they ran: torch.compile's compiler processes)."""
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return time.process_time() + children.ru_utime + children.ru_stime
 
     @staticmethod
     def _busy() -> float:
@@ -114,7 +123,7 @@ class CpuWatch:
     def others_share(self) -> float:
         """Share of all CPUs' time used by other processes since this object was made."""
         busy = self._busy() - self.busy0
-        own = time.process_time() - self.own0 + self.children_seconds
+        own = self._own() - self.own0
         wall = time.time() - self.wall0
         return max(0.0, busy - own) / (wall * (os.cpu_count() or 1))
 
@@ -183,14 +192,23 @@ def _serve(conn: Connection, make: str, args: tuple, min_seconds: float, steps: 
     conn.recv()  # "warm"
     calls = {}
     for kind, (fn, images) in kinds.items():
-        fn()  # warm-up (and, with train.compile, the compilation)
+        t = time.perf_counter()
+        fn()  # the first call (with train.compile, the compilation)
+        synchronize(device)
+        if kind == "train" and "compile" in contender.name:
+            print(f"  ({contender.name}: the first step {time.perf_counter() - t:.1f} s)")
+        # Warm up for at least min_seconds: the first steps of a process run slower.
+        t, n = time.perf_counter(), 0
+        while n < steps or time.perf_counter() - t < min_seconds:
+            fn()
+            n += 1
         once = images / _rate(fn, 1, images, device)
         calls[kind] = max(steps, math.ceil(min_seconds / once))
     conn.send(list(kinds))
     while (request := conn.recv()) != "stop":
         fn, images = kinds[request]
         conn.send(_rate(fn, calls[request], images, device))
-    conn.send(time.process_time())
+    conn.send("stopped")
 
 
 @dataclass
@@ -207,7 +225,6 @@ class Worker:
     kinds: list[str] = field(default_factory=list)
     train: list[float] = field(default_factory=list)  # images/s, one per repetition
     eval: list[float] = field(default_factory=list)
-    cpu_seconds: float = 0.0  # the worker's own CPU time, reported when it stops
 
     @classmethod
     def launch(cls, make: str, args: tuple, cli: argparse.Namespace) -> Worker:
@@ -219,6 +236,9 @@ class Worker:
 
     def _receive(self) -> Any:
         try:
+            if not self.conn.poll(WORKER_TIMEOUT):
+                sys.exit(f"throughput.py: the worker for {self.job} gave no answer in "
+                         f"{WORKER_TIMEOUT} s")  # fmt: skip
             return self.conn.recv()
         except EOFError:
             sys.exit(f"throughput.py: the worker for {self.job} failed (see above)")
@@ -240,7 +260,7 @@ class Worker:
 
     def stop(self) -> None:
         self.conn.send("stop")
-        self.cpu_seconds = self._receive()
+        self._receive()
         self.process.join()
 
 
@@ -257,15 +277,17 @@ def launched(jobs: list[tuple[str, tuple]], cli: argparse.Namespace) -> Iterator
         for w in workers:
             if w.process.is_alive():
                 w.process.terminate()
+            w.process.join()  # so that its CPU time is counted
 
 
 def measure(workers: list[Worker], reps: int) -> None:
     """Time the contenders in turn, repetition by repetition, so that a drift of the machine's
     speed hits all of them alike; each repetition lasts at least --min-seconds (and --steps
-    steps)."""
+    steps), and each starts with the next contender in turn."""
     for kind in ("train", "eval"):
-        for _ in range(reps):
-            for w in workers:
+        for rep in range(reps):
+            # Each repetition starts with another contender: none is always timed first.
+            for w in workers[rep % len(workers) :] + workers[: rep % len(workers)]:
                 if kind in w.kinds:
                     getattr(w, kind).append(w.time(kind))
     for w in workers:
@@ -338,12 +360,6 @@ def vaelab_contender(
             x = x.contiguous(memory_format=torch.channels_last)
         trainer._step(session, x, i, 10**9)
 
-    if cfg.train.compile:  # the first call compiles: time it
-        t = time.perf_counter()
-        step()
-        synchronize(device)
-        print(f"  ({label}: torch.compile's first step {time.perf_counter() - t:.1f} s)")
-
     def evaluate() -> None:
         trainer.evaluate_split(session.model, splits.val, batch, device)
 
@@ -415,7 +431,6 @@ def main() -> None:
                     ):
                         print("  peer: pythae VAE: not installed (pip install 'vaelab[bench]')")
                     measure(workers, args.reps)
-                watch.children_seconds += sum(w.cpu_seconds for w in workers)
                 rows += table_rows(net, batch, flops, peak, workers)
                 print_rows(rows[-len(workers) :])
         others = watch.others_share()

@@ -133,10 +133,11 @@ class _Session:
 
 
 def cache_cpu_memory() -> bool:
-    """Make this process keep the memory it frees, for its next allocations; return whether
-    the C library took the setting (glibc does; elsewhere nothing changes).
+    """Make this process keep the memory it frees, for its next allocations, from now until it
+    exits; return whether the C library took the setting (glibc does; elsewhere nothing
+    changes, and an allocator loaded with LD_PRELOAD does its own caching anyway).
 
-    glibc hands every allocation above 32 MiB (a CelebA-64 activation at batch 64 in fp32 is
+    glibc hands every block of 32 MiB or more (a CelebA-64 activation at batch 64 in fp32 is
     33.5 MB) straight to the OS with mmap and unmaps it when freed, so each step faults every
     page of those tensors in again: the plain fp32 loop spends about 40% of its time there
     (benchmarks/throughput.py). With mmap off and trimming raised, freed memory stays in the
@@ -150,7 +151,8 @@ def cache_cpu_memory() -> bool:
     except (OSError, AttributeError):
         return False
     m_trim_threshold, m_mmap_max = -1, -4  # glibc's <malloc.h>
-    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
+    # Trimming first: if that is refused, mmap stays on and nothing has changed.
+    return bool(mallopt(m_trim_threshold, 2**31 - 1)) and bool(mallopt(m_mmap_max, 0))
 
 
 def _session(cfg: RunConfig, splits: Splits | None) -> _Session:
