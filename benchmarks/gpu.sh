@@ -32,7 +32,7 @@ run() {  # run LIMIT_SECONDS COMMAND...: a part that may fail or time out withou
 } 2>&1 | tee "$LOG"
 # A small epoch first: fails fast if something is wrong.
 run 20 "$PY" benchmarks/epoch.py --device cuda --train-images 2880 --precision bf16
-run 40 "$PY" benchmarks/throughput.py --device cuda --nets mnist --min-seconds 0.2 \
+run 40 "$PY" benchmarks/throughput.py --device cuda --nets mnist --batches 144 --min-seconds 0.2 \
     --out "$RESULTS/throughput_gpu_mnist.json"
 run 100 "$PY" benchmarks/throughput.py --device cuda --nets celeba64 --min-seconds 0.3 --compile \
     --out "$RESULTS/throughput_gpu.json"
