@@ -29,7 +29,7 @@ from vaelab.checkpoint import read_metrics
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from throughput import machine, run_config, synthetic_splits  # noqa: E402
+from throughput import machine, run_config, synthetic_splits, write_record  # noqa: E402
 
 CELEBA_TRAIN, CELEBA_VAL = 162_770, 19_867
 
@@ -102,13 +102,7 @@ def main() -> None:
     )
     print(json.dumps(record))
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if out.suffix == ".jsonl":
-            with out.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-        else:
-            out.write_text(json.dumps(record, indent=2) + "\n")
+        write_record(args.out, record)
 
 
 if __name__ == "__main__":

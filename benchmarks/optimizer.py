@@ -9,7 +9,6 @@ random gradients (the step's cost does not depend on their values).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -21,7 +20,7 @@ from vaelab import models
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from throughput import machine, run_config, synchronize  # noqa: E402
+from throughput import machine, run_config, synchronize, write_record  # noqa: E402
 
 IMPLEMENTATIONS = {
     "for-loop": {"foreach": False},
@@ -55,8 +54,7 @@ def main() -> None:
         print(f"Adam {name}: {results[name]} ms per step")
     n = sum(p.numel() for p in model.parameters())
     record = {"machine": machine(device), "parameters": n, "ms_per_step": results}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
+    write_record(args.out, record)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from vaelab.checkpoint import read_metrics
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from throughput import machine  # noqa: E402
+from throughput import machine, write_record  # noqa: E402
 
 
 def main() -> None:
@@ -69,8 +69,7 @@ def main() -> None:
         "results": results,
     }
     print(json.dumps(record, indent=2))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
+    write_record(args.out, record)
 
 
 if __name__ == "__main__":

@@ -65,10 +65,10 @@ PATHS = [
     ("bf16", ["train.precision=bf16", "train.channels_last=false"]),
     ("bf16+channels_last", ["train.precision=bf16", "train.channels_last=true"]),
 ]
-WORKER_TIMEOUT = 1800  # seconds a worker may take to answer (a compile, a slow repetition)
 COMPILED = ("bf16+channels_last+compile", [*PATHS[3][1], "train.compile=true"])
 # fp16 (with its gradient scaler) only on GPUs: most CPUs have no fast fp16 arithmetic.
 CUDA_PATHS = [("fp16+channels_last (grad scaler)", ["train.precision=fp16"])]
+WORKER_TIMEOUT = 1800  # seconds a worker may take to answer (a compile, a slow repetition)
 
 
 # -- the machine ------------------------------------------------------------------------------
@@ -447,8 +447,7 @@ def main() -> None:
     }
     print("\nAll rows:")
     print_rows(rows)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
+    write_record(args.out, record)
     print(f"written: {args.out}")
 
 
@@ -507,6 +506,17 @@ def print_rows(rows: list[dict]) -> None:
             f"{100 * r['share_of_peak']:>6.1f}{r['peak_used'][:2]:>2}"
             f"{r['x_plain_loop']:>8.2f}{xp:>9}"
         )
+
+
+def write_record(out: str | Path, record: dict) -> None:
+    """A benchmark's result: the JSON file ``out``, or one more line of it if it is .jsonl."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".jsonl":
+        with out.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+    else:
+        out.write_text(json.dumps(record, indent=2) + "\n")
 
 
 def machine(device: torch.device) -> dict:

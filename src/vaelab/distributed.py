@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from vaelab import losses
+
 
 @dataclass(frozen=True)
 class World:
@@ -114,7 +116,7 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
         dtype = x.dtype
-        x = x.float() if x.dtype in (torch.bfloat16, torch.float16) else x  # fp32 statistics
+        x = losses.full_precision(x)  # fp32 statistics under autocast
         dims = (0, 2, 3)
         count = torch.full((1,), x.numel() // x.shape[1], dtype=x.dtype, device=x.device)
         stats = differentiable_all_reduce(torch.cat([x.sum(dims), count]))

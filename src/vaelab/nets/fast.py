@@ -44,12 +44,17 @@ def _plain(layer: nn.Conv2d | nn.ConvTranspose2d, x: Tensor) -> bool:
     )
 
 
-def _few_pixels(layer: nn.Conv2d | nn.ConvTranspose2d, small: int, large: int) -> bool:
+def _few_pixels(
+    layer: nn.Conv2d | nn.ConvTranspose2d, small: tuple[int, int], large: tuple[int, int]
+) -> bool:
+    """Whether the (height, width) of the layer's small and large sides take the matrix
+    product (an empty or negative size goes to torch, which reports it)."""
     return (
         layer.kernel_size == (3, 3)
         and layer.stride == (2, 2)
-        and 0 < small <= FEW_PIXELS
-        and 0 < large <= 4 * FEW_PIXELS
+        and min(*small, *large) > 0
+        and small[0] * small[1] <= FEW_PIXELS
+        and large[0] * large[1] <= 4 * FEW_PIXELS
     )
 
 
@@ -65,7 +70,7 @@ def _like_torch(y: Tensor, x: Tensor, weight: Tensor) -> Tensor:
     return y.contiguous()
 
 
-def _autocast(*tensors: Tensor) -> tuple[Tensor, ...]:
+def _autocast_inputs(*tensors: Tensor) -> tuple[Tensor, ...]:
     """The tensors as CPU autocast would hand them to a convolution (fp64 is left alone)."""
     if not torch.is_autocast_enabled("cpu"):
         return tensors
@@ -97,17 +102,16 @@ class _ConvTransposeSummedBias(torch.autograd.Function):
     def forward(
         ctx: FunctionCtx, x: Tensor, weight: Tensor, bias: Tensor, geometry: tuple[list[int], ...]
     ) -> Tensor:
+        """``geometry``: stride, padding, output padding (groups 1, dilation 1: see _plain)."""
         ctx.save_for_backward(x, weight)
         ctx.geometry = geometry
-        stride, padding, output_padding, dilation, groups = geometry
-        return nn.functional.conv_transpose2d(
-            x, weight, bias, stride, padding, output_padding, groups[0], dilation
-        )
+        stride, padding, output_padding = geometry
+        return F.conv_transpose2d(x, weight, bias, stride, padding, output_padding)
 
     @staticmethod
     def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, weight = ctx.saved_tensors
-        stride, padding, output_padding, dilation, groups = ctx.geometry
+        stride, padding, output_padding = ctx.geometry
         grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
             grad,
             x,
@@ -115,10 +119,10 @@ class _ConvTransposeSummedBias(torch.autograd.Function):
             None,  # no bias: its gradient is summed below
             stride,
             padding,
-            dilation,
+            [1, 1],  # dilation
             True,  # transposed
             output_padding,
-            groups[0],
+            1,  # groups
             [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False],
         )
         grad_b = None
@@ -134,7 +138,7 @@ class FastConv2d(nn.Conv2d):
         if not _plain(self, x):
             return super().forward(x)
         ho, wo = _conv_size(self, x)
-        if not _few_pixels(self, ho * wo if ho > 0 and wo > 0 else 0, x.shape[2] * x.shape[3]):
+        if not _few_pixels(self, (ho, wo), x.shape[2:]):
             return super().forward(x)
         rows = _unfold(self, x, ho, wo)
         weight = self.weight.permute(0, 2, 3, 1).reshape(self.out_channels, -1)  # (O, kh kw C)
@@ -157,18 +161,12 @@ class FastConvTranspose2d(nn.ConvTranspose2d):
         (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
         ho = (x.shape[2] - 1) * sh - 2 * ph + kh + output_padding[0]
         wo = (x.shape[3] - 1) * sw - 2 * pw + kw + output_padding[1]
-        if _few_pixels(self, x.shape[2] * x.shape[3], ho * wo if ho > 0 and wo > 0 else 0):
+        if _few_pixels(self, x.shape[2:], (ho, wo)):
             return self._matmul(x, ho, wo)
         if self.bias is None:
             return super().forward(x, output_size)
-        geometry = (
-            list(self.stride),
-            list(self.padding),
-            list(output_padding),
-            list(self.dilation),
-            [self.groups],
-        )
-        x, weight, bias = _autocast(x, self.weight, self.bias)
+        geometry = (list(self.stride), list(self.padding), list(output_padding))
+        x, weight, bias = _autocast_inputs(x, self.weight, self.bias)
         with torch.autocast("cpu", enabled=False):
             return _ConvTransposeSummedBias.apply(x, weight, bias, geometry)
 
