@@ -21,6 +21,8 @@ on. Measured on 2 cores, CelebA-64 network, batch 64, bf16 (benchmarks/throughpu
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -29,6 +31,8 @@ from torch.autograd.function import FunctionCtx
 FEW_PIXELS = 4  # a 3x3 stride-2 convolution whose small side (its output; a transposed one's
 # input) has at most this many pixels per image and channel is one matrix product (measured
 # faster there; the other side then has at most 4 x FEW_PIXELS)
+FEW_CHANNELS = 4  # a stride-1 convolution with at most this many output channels (an image's
+# colours) takes the backward over the output gradient's taps
 
 
 def _plain(layer: nn.Conv2d | nn.ConvTranspose2d, x: Tensor) -> bool:
@@ -70,13 +74,15 @@ def _like_torch(y: Tensor, x: Tensor, weight: Tensor) -> Tensor:
     return y.contiguous()
 
 
-def _autocast_inputs(*tensors: Tensor) -> tuple[Tensor, ...]:
-    """The tensors as CPU autocast would hand them to a convolution (fp64 is left alone)."""
+def _autocast_inputs(*tensors: Tensor | None) -> tuple[Any, ...]:
+    """The tensors as CPU autocast would hand them to a convolution (fp64 and None are left
+    alone)."""
     if not torch.is_autocast_enabled("cpu"):
         return tensors
     dtype = torch.get_autocast_dtype("cpu")
     return tuple(
-        t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t for t in tensors
+        t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+        for t in tensors
     )
 
 
@@ -131,14 +137,75 @@ class _ConvTransposeSummedBias(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None
 
 
+class _ConvFewOutputsBackward(torch.autograd.Function):
+    """A stride-1 convolution whose backward is two matrix products over the kernel taps of
+    the output gradient (its im2col: small, as the output has few channels)."""
+
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx, x: Tensor, weight: Tensor, bias: Tensor | None, padding: list[int]
+    ) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.padding = padding
+        ctx.has_bias = bias is not None
+        return F.conv2d(x, weight, bias, 1, padding)
+
+    @staticmethod
+    def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        (b, c, h, w), (o, _, kh, kw) = x.shape, weight.shape
+        ph, pw = ctx.padding
+        # x[i, j] meets grad[i + ph - p, j + pw - q] through tap (p, q): with the gradient
+        # padded by k - 1 - padding, that is padded[i + kh - 1 - p, j + kw - 1 - q].
+        padded = F.pad(
+            grad.permute(1, 0, 2, 3), (kw - 1 - pw, kw - 1 - pw, kh - 1 - ph, kh - 1 - ph)
+        )
+        taps = [
+            padded[:, :, kh - 1 - p : kh - 1 - p + h, kw - 1 - q : kw - 1 - q + w]
+            for p in range(kh)
+            for q in range(kw)
+        ]
+        cols = torch.stack(taps).view(kh * kw * o, b * h * w)  # row (p, q, o), column (b, i, j)
+        rows = x.permute(0, 2, 3, 1).reshape(b * h * w, c)  # a view: x is channels-last
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            taps_w = weight.permute(2, 3, 0, 1).reshape(kh * kw * o, c)
+            grad_x = (cols.t() @ taps_w).view(b, h, w, c).permute(0, 3, 1, 2)  # channels-last
+        if ctx.needs_input_grad[1]:
+            grad_w = (cols @ rows).view(kh, kw, o, c).permute(2, 3, 0, 1).contiguous()
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad.sum(dim=(0, 2, 3))
+        return grad_x, grad_w, grad_b, None
+
+
+def _few_outputs(layer: nn.Conv2d, x: Tensor) -> bool:
+    """Whether the backward takes ``_ConvFewOutputsBackward``: a stride-1 convolution with at
+    most ``FEW_CHANNELS`` outputs, a channels-last input, padding under the kernel size, and a
+    gradient to compute."""
+    return (
+        layer.stride == (1, 1)
+        and layer.out_channels <= FEW_CHANNELS
+        and _channels_last(x)
+        and all(p < k for p, k in zip(layer.padding, layer.kernel_size, strict=True))
+        and torch.is_grad_enabled()
+        and (x.requires_grad or layer.weight.requires_grad)
+    )
+
+
 class FastConv2d(nn.Conv2d):
-    """``nn.Conv2d``; one matrix product when the output has at most ``FEW_PIXELS`` pixels."""
+    """``nn.Conv2d``; one matrix product when the output has at most ``FEW_PIXELS`` pixels;
+    a backward over the output gradient's taps when it has at most ``FEW_CHANNELS``
+    channels."""
 
     def forward(self, x: Tensor) -> Tensor:
         if not _plain(self, x):
             return super().forward(x)
         ho, wo = _conv_size(self, x)
         if not _few_pixels(self, (ho, wo), x.shape[2:]):
+            if _few_outputs(self, x) and min(ho, wo) > 0:
+                x, weight, bias = _autocast_inputs(x, self.weight, self.bias)
+                with torch.autocast("cpu", enabled=False):
+                    return _ConvFewOutputsBackward.apply(x, weight, bias, list(self.padding))
             return super().forward(x)
         rows = _unfold(self, x, ho, wo)
         weight = self.weight.permute(0, 2, 3, 1).reshape(self.out_channels, -1)  # (O, kh kw C)
@@ -195,10 +262,16 @@ class FastConvTranspose2d(nn.ConvTranspose2d):
 
 
 def speed_up(model: nn.Module) -> nn.Module:
-    """Give each layer of ``model`` that has a faster path here that path, in place."""
+    """Give each layer of ``model`` that has a faster path here that path, in place; and make
+    each LeakyReLU right after a batch norm overwrite the batch norm's output (which that
+    norm's backward does not use: autograd checks it), one activation fewer in memory."""
     for module in model.modules():
         if type(module) is nn.Conv2d:
             module.__class__ = FastConv2d
         elif type(module) is nn.ConvTranspose2d:
             module.__class__ = FastConvTranspose2d
+        elif isinstance(module, nn.Sequential):
+            for norm, act in zip(module, list(module)[1:], strict=False):
+                if type(norm) is nn.BatchNorm2d and type(act) is nn.LeakyReLU:
+                    act.inplace = True
     return model
