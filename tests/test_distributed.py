@@ -155,5 +155,6 @@ def test_an_odd_validation_batch_is_split_and_summed_exactly(tmp_path):
     )
     assert one[-1]["split"] == two[-1]["split"] == "val"
     for key in ("elbo_nats", "recon", "kl"):
-        assert two[-1][key] == pytest.approx(one[-1][key], rel=1e-6)  # weights ~1e-7 apart
+        # weights ~1e-7 apart; the KL is only ~0.006 nats after this one epoch, so 1e-6 nats
+        assert two[-1][key] == pytest.approx(one[-1][key], rel=1e-6, abs=1e-6)
     assert _max_diff(_weights(tmp_path / "one"), _weights(tmp_path / "two")) < 1e-4

@@ -45,8 +45,9 @@ def test_conv_widths_change_the_network():
 
 @pytest.fixture
 def paths(monkeypatch):
-    """Counts of the fast paths taken: "few pixels" (a matrix product) and "summed bias"."""
-    counts = {"few pixels": 0, "summed bias": 0}
+    """Counts of the fast paths taken: "few pixels" (a matrix product), "summed bias" and
+    "few outputs" (the backward over the output gradient's taps)."""
+    counts = {"few pixels": 0, "summed bias": 0, "few outputs": 0}
 
     def counted(name, fn):
         def wrapper(*args, **kwargs):
@@ -61,6 +62,8 @@ def paths(monkeypatch):
     )
     summed = fast._ConvTransposeSummedBias
     monkeypatch.setattr(summed, "apply", counted("summed bias", summed.apply))
+    few_outputs = fast._ConvFewOutputsBackward
+    monkeypatch.setattr(few_outputs, "apply", counted("few outputs", few_outputs.apply))
     return counts
 
 
@@ -112,7 +115,7 @@ def test_fast_conv_transpose_matches_torch_in_fp64(
     # output_size picks the output padding, as in torch
     _same_results(ref, _fast_copy(ref), x, output_size=[2 * size, 2 * size])
     few = size * size <= fast.FEW_PIXELS
-    assert paths == {"few pixels": 2 * few, "summed bias": 2 * (bias and not few)}
+    assert paths == {"few pixels": 2 * few, "summed bias": 2 * (bias and not few), "few outputs": 0}
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -132,6 +135,40 @@ def test_fast_conv_matches_torch_in_fp64(size, stride, padding, bias, few, chann
     assert paths["few pixels"] == few
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize(
+    "out_channels, kernel, padding, bias",
+    [(3, 3, 1, True), (1, 3, 1, False), (4, 3, 0, True), (2, 5, 2, True), (3, (3, 5), (1, 2), True),
+     (3, 1, 0, True), (5, 3, 1, True)],
+)  # fmt: skip
+def test_fast_conv_with_few_outputs_matches_torch_in_fp64(
+    out_channels, kernel, padding, bias, channels_last, paths
+):
+    torch.manual_seed(0)
+    ref = torch.nn.Conv2d(6, out_channels, kernel, padding=padding, bias=bias).double()
+    x = torch.randn(3, 6, 9, 7, dtype=torch.float64)
+    if channels_last:
+        ref = ref.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    fast_layer = _fast_copy(ref)
+    _same_results(ref, fast_layer, x)
+    taken = channels_last and out_channels <= 4  # FEW_CHANNELS: an image's colours
+    assert paths["few outputs"] == taken
+    if taken:
+        grad_x = x.clone().requires_grad_()
+        fast_layer(grad_x).sum().backward()
+        assert grad_x.grad.is_contiguous(memory_format=torch.channels_last)  # as torch's
+        # an input without a gradient (the data), then no gradient at all: torch's path
+        ref.zero_grad()
+        fast_layer.zero_grad()
+        ref(x).square().sum().backward()
+        fast_layer(x).square().sum().backward()
+        torch.testing.assert_close(fast_layer.weight.grad, ref.weight.grad, rtol=0, atol=1e-12)
+        with torch.no_grad():
+            torch.testing.assert_close(fast_layer(x), ref(x), rtol=0, atol=0)
+        assert paths["few outputs"] == 3
+
+
 def test_fast_layers_keep_torchs_answers_on_odd_input(paths):
     conv = _fast_copy(torch.nn.Conv2d(3, 4, 3, stride=2, padding=1))
     assert conv(torch.randn(0, 3, 4, 4)).shape == (0, 4, 2, 2)  # an empty batch
@@ -142,15 +179,17 @@ def test_fast_layers_keep_torchs_answers_on_odd_input(paths):
     assert paths["few pixels"] == 0
 
 
-@pytest.mark.parametrize("size", [2, 8])  # the matrix-product path, the summed-bias path
-def test_fast_layers_under_bf16_autocast(size):
+# the matrix-product path, the summed-bias path; and the few-outputs path (channels-last)
+@pytest.mark.parametrize("size", [2, 8])
+def test_fast_layers_under_bf16_autocast(size, paths):
     torch.manual_seed(0)
     for ref in (
         torch.nn.ConvTranspose2d(8, 6, 3, stride=2, padding=1, output_padding=1),
         torch.nn.Conv2d(8, 6, 3, stride=2, padding=1),
+        torch.nn.Conv2d(8, 3, 3, padding=1),
     ):
         fast_layer = _fast_copy(ref)
-        x = torch.randn(4, 8, size, size)
+        x = torch.randn(4, 8, size, size).contiguous(memory_format=torch.channels_last)
         results = []
         for layer in (ref, fast_layer):
             xg = x.clone().requires_grad_()
@@ -165,6 +204,7 @@ def test_fast_layers_under_bf16_autocast(size):
         # autocast leaves fp64 alone, and so do the fast paths
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert fast_layer.double()(x.double()).dtype == torch.float64
+    assert paths["few outputs"] == 2  # in bf16, then in fp64
 
 
 def test_speed_up_keeps_the_parameters_and_swaps_the_convolutions():
@@ -180,3 +220,18 @@ def test_speed_up_keeps_the_parameters_and_swaps_the_convolutions():
     assert swapped.count(FastConvTranspose2d) == kinds.count(torch.nn.ConvTranspose2d) == 2
     assert swapped.count(FastConv2d) == kinds.count(torch.nn.Conv2d) == 3
     assert torch.nn.ConvTranspose2d not in swapped and torch.nn.Conv2d not in swapped
+    # each LeakyReLU after a batch norm now overwrites it (4 stages), and trains the same
+    acts = [m for m in model.modules() if isinstance(m, torch.nn.LeakyReLU)]
+    assert len(acts) == 4 and all(a.inplace for a in acts)
+    plain = build(cfg.model, (1, 8, 8))
+    plain.load_state_dict(before)
+    assert not any(m.inplace for m in plain.modules() if isinstance(m, torch.nn.LeakyReLU))
+    x = torch.rand(5, 1, 8, 8, dtype=torch.float64)
+    losses = []
+    for m in (model.double(), plain.double()):
+        torch.manual_seed(1)
+        losses.append(m(x).loss)
+        losses[-1].sum().backward()
+    torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=1e-12)
+    for (name, p), q in zip(model.named_parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=1e-12, msg=name)

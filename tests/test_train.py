@@ -364,20 +364,24 @@ def test_cpu_memory_cache_stops_page_faults_on_large_tensors():
 
 
 def test_fast_layers_train_the_same_weights_as_torchs_layers(tmp_path, splits, monkeypatch):
-    fast_backward = vaelab.nets.fast._ConvTransposeSummedBias.backward
     calls = []
+    for function in (
+        vaelab.nets.fast._ConvTransposeSummedBias,
+        vaelab.nets.fast._ConvFewOutputsBackward,
+    ):
 
-    def counted(ctx, grad):
-        calls.append(1)
-        return fast_backward(ctx, grad)
+        def counted(ctx, grad, backward=function.backward, name=function.__name__):
+            calls.append(name)
+            return backward(ctx, grad)
 
-    monkeypatch.setattr(vaelab.nets.fast._ConvTransposeSummedBias, "backward", counted)
+        monkeypatch.setattr(function, "backward", counted)
     runs, used = {}, {}
     for fast in (True, False):
         calls.clear()
         cfg = tiny_config("train.precision=fp64", f"train.fast_layers={str(fast).lower()}")
         runs[fast] = weights(vaelab.train(cfg, tmp_path / str(fast), splits=splits))
-        used[fast] = len(calls)
-    assert used[False] == 0 and used[True] > 0
+        used[fast] = set(calls)
+    assert used[False] == set()
+    assert used[True] == {"_ConvTransposeSummedBias", "_ConvFewOutputsBackward"}
     for k, v in runs[True].items():
         torch.testing.assert_close(v, runs[False][k], rtol=0, atol=1e-9, msg=k)
