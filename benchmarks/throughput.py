@@ -167,6 +167,7 @@ class Contender:
     step_images: int
     evaluate: Callable[[], None] | None = None
     eval_images: int = 0
+    session: Any = None  # vaelab's: the trainer's session (model, optimizer), for layer_times.py
 
 
 def _rate(fn: Callable[[], None], calls: int, images: int, device: torch.device) -> float:
@@ -366,7 +367,7 @@ def vaelab_contender(
     def evaluate() -> None:
         trainer.evaluate_split(session.model, splits.val, batch, device)
 
-    return Contender(f"vaelab {label}", step, batch, evaluate, len(splits.val))
+    return Contender(f"vaelab {label}", step, batch, evaluate, len(splits.val), session)
 
 
 # -- the table ---------------------------------------------------------------------------------
