@@ -45,9 +45,10 @@ def test_conv_widths_change_the_network():
 
 @pytest.fixture
 def paths(monkeypatch):
-    """Counts of the fast paths taken: "few pixels" (a matrix product), "summed bias" and
-    "few outputs" (the backward over the output gradient's taps)."""
-    counts = {"few pixels": 0, "summed bias": 0, "few outputs": 0}
+    """Counts of the fast paths taken: "few pixels" (a matrix product), "summed bias",
+    "few outputs" (the backward over the output gradient's taps) and "blocks" (a few-outputs
+    convolution computed for 2x2 pixels at once)."""
+    counts = {"few pixels": 0, "summed bias": 0, "few outputs": 0, "blocks": 0}
 
     def counted(name, fn):
         def wrapper(*args, **kwargs):
@@ -64,6 +65,7 @@ def paths(monkeypatch):
     monkeypatch.setattr(summed, "apply", counted("summed bias", summed.apply))
     few_outputs = fast._ConvFewOutputsBackward
     monkeypatch.setattr(few_outputs, "apply", counted("few outputs", few_outputs.apply))
+    monkeypatch.setattr(fast, "_conv_in_blocks", counted("blocks", fast._conv_in_blocks))
     return counts
 
 
@@ -115,7 +117,12 @@ def test_fast_conv_transpose_matches_torch_in_fp64(
     # output_size picks the output padding, as in torch
     _same_results(ref, _fast_copy(ref), x, output_size=[2 * size, 2 * size])
     few = size * size <= fast.FEW_PIXELS
-    assert paths == {"few pixels": 2 * few, "summed bias": 2 * (bias and not few), "few outputs": 0}
+    assert paths == {
+        "few pixels": 2 * few,
+        "summed bias": 2 * (bias and not few),
+        "few outputs": 0,
+        "blocks": 0,
+    }
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -135,6 +142,7 @@ def test_fast_conv_matches_torch_in_fp64(size, stride, padding, bias, few, chann
     assert paths["few pixels"] == few
 
 
+@pytest.mark.parametrize("size", [(9, 7), (8, 6)])  # odd outputs, then even: in 2x2 blocks
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize(
     "out_channels, kernel, padding, bias",
@@ -142,31 +150,41 @@ def test_fast_conv_matches_torch_in_fp64(size, stride, padding, bias, few, chann
      (3, 1, 0, True), (5, 3, 1, True)],
 )  # fmt: skip
 def test_fast_conv_with_few_outputs_matches_torch_in_fp64(
-    out_channels, kernel, padding, bias, channels_last, paths
+    out_channels, kernel, padding, bias, channels_last, size, paths
 ):
     torch.manual_seed(0)
     ref = torch.nn.Conv2d(6, out_channels, kernel, padding=padding, bias=bias).double()
-    x = torch.randn(3, 6, 9, 7, dtype=torch.float64)
+    x = torch.randn(3, 6, *size, dtype=torch.float64)
     if channels_last:
         ref = ref.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     fast_layer = _fast_copy(ref)
     _same_results(ref, fast_layer, x)
     taken = channels_last and out_channels <= 4  # FEW_CHANNELS: an image's colours
+    kh, kw = ref.kernel_size
+    even = (
+        (size[0] + 2 * ref.padding[0] - kh + 1) % 2
+        == 0
+        == (size[1] + 2 * ref.padding[1] - kw + 1) % 2
+    )
     assert paths["few outputs"] == taken
+    assert paths["blocks"] == (taken and even)
     if taken:
         grad_x = x.clone().requires_grad_()
         fast_layer(grad_x).sum().backward()
         assert grad_x.grad.is_contiguous(memory_format=torch.channels_last)  # as torch's
-        # an input without a gradient (the data), then no gradient at all: torch's path
+        # an input without a gradient (the data), then no gradient at all
         ref.zero_grad()
         fast_layer.zero_grad()
         ref(x).square().sum().backward()
         fast_layer(x).square().sum().backward()
         torch.testing.assert_close(fast_layer.weight.grad, ref.weight.grad, rtol=0, atol=1e-12)
         with torch.no_grad():
-            torch.testing.assert_close(fast_layer(x), ref(x), rtol=0, atol=0)
+            y = fast_layer(x)
+            torch.testing.assert_close(y, ref(x), rtol=0, atol=1e-12)
+            assert y.is_contiguous(memory_format=torch.channels_last)
         assert paths["few outputs"] == 3
+        assert paths["blocks"] == 4 * even
 
 
 def test_fast_layers_keep_torchs_answers_on_odd_input(paths):
