@@ -142,7 +142,8 @@ def test_fast_conv_matches_torch_in_fp64(size, stride, padding, bias, few, chann
     assert paths["few pixels"] == few
 
 
-@pytest.mark.parametrize("size", [(9, 7), (8, 6)])  # odd outputs, then even: in 2x2 blocks
+# odd outputs, one side odd, then even (in 2x2 blocks)
+@pytest.mark.parametrize("size", [(9, 7), (8, 7), (8, 6)])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize(
     "out_channels, kernel, padding, bias",
@@ -185,6 +186,46 @@ def test_fast_conv_with_few_outputs_matches_torch_in_fp64(
             assert y.is_contiguous(memory_format=torch.channels_last)
         assert paths["few outputs"] == 3
         assert paths["blocks"] == 4 * even
+
+
+@pytest.mark.parametrize("size", [7, 8])  # torch's convolution, then the 2x2 blocks
+def test_fast_conv_with_few_outputs_allows_what_torchs_layer_allows(size, paths):
+    torch.manual_seed(0)
+    ref = torch.nn.Conv2d(5, 3, 3, padding=1).double().to(memory_format=torch.channels_last)
+    x = torch.randn(1, 5, size, size, dtype=torch.float64)  # a batch of one
+    x = x.contiguous(memory_format=torch.channels_last)
+    results = []
+    for layer in (ref, _fast_copy(ref)):
+        layer.weight.requires_grad_(False)  # a frozen weight
+        xg = x.clone().requires_grad_()
+        y = layer(xg)
+        y.add_(1)  # an in-place op on the output
+        y.square().sum().backward()
+        results.append((y, xg.grad, layer.bias.grad))
+        assert layer.weight.grad is None
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    assert paths["few outputs"] == 1 and paths["blocks"] == (size % 2 == 0)
+
+
+def test_few_outputs_backward_keeps_the_forwards_precision(paths):
+    """A backward called inside autocast after an fp32 forward stays fp32, as torch's; and a
+    layer without bias under bf16 autocast."""
+    torch.manual_seed(0)
+    ref = torch.nn.Conv2d(6, 3, 3, padding=1, bias=False).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 6, 8, 8).contiguous(memory_format=torch.channels_last)
+    grads = []
+    for layer in (ref, _fast_copy(ref)):
+        y = layer(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            (y**2).sum().backward()
+        grads.append(layer.weight.grad.clone())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(x)
+        assert y.dtype == torch.bfloat16
+        y.float().sum().backward()
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-5)
+    assert paths["few outputs"] == 2
 
 
 def test_fast_layers_keep_torchs_answers_on_odd_input(paths):
@@ -238,6 +279,21 @@ def test_speed_up_keeps_the_parameters_and_swaps_the_convolutions():
     assert swapped.count(FastConvTranspose2d) == kinds.count(torch.nn.ConvTranspose2d) == 2
     assert swapped.count(FastConv2d) == kinds.count(torch.nn.Conv2d) == 3
     assert torch.nn.ConvTranspose2d not in swapped and torch.nn.Conv2d not in swapped
+    # other LeakyReLUs stay as they were: the MLP net's (no batch norm), a negative slope, one
+    # used in two places, one after a norm with a forward hook
+    mlp = speed_up(build(load_config(overrides=["model.net=mlp"]).model, (1, 8, 8)))
+    assert [m.inplace for m in mlp.modules() if isinstance(m, torch.nn.LeakyReLU)] == [False] * 4
+    shared = torch.nn.LeakyReLU(0.2)
+    hooked = torch.nn.BatchNorm2d(2)
+    hooked.register_forward_hook(lambda *args: None)
+    blocks = [
+        torch.nn.Sequential(torch.nn.BatchNorm2d(2), torch.nn.LeakyReLU(-0.1)),
+        torch.nn.Sequential(torch.nn.BatchNorm2d(2), shared, shared),
+        torch.nn.Sequential(hooked, torch.nn.LeakyReLU(0.2)),
+        torch.nn.Sequential(torch.nn.BatchNorm2d(2), torch.nn.LeakyReLU(0.2)),  # this one only
+    ]
+    speed_up(torch.nn.Sequential(*blocks))
+    assert [block[-1].inplace for block in blocks] == [False, False, False, True]
     # each LeakyReLU after a batch norm now overwrites it (4 stages), and trains the same
     acts = [m for m in model.modules() if isinstance(m, torch.nn.LeakyReLU)]
     assert len(acts) == 4 and all(a.inplace for a in acts)

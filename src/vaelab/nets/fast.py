@@ -28,6 +28,7 @@ on. Measured on 2 cores, CelebA-64 network, batch 64, bf16 (benchmarks/throughpu
 
 from __future__ import annotations
 
+import collections
 from typing import Any
 
 import torch
@@ -112,6 +113,7 @@ def _unfold(layer: nn.Conv2d, x: Tensor, ho: int, wo: int) -> Tensor:
 
 class _ConvTransposeSummedBias(torch.autograd.Function):
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cpu")  # the backward runs under the forward's autocast
     def forward(
         ctx: FunctionCtx, x: Tensor, weight: Tensor, bias: Tensor, geometry: tuple[list[int], ...]
     ) -> Tensor:
@@ -122,6 +124,7 @@ class _ConvTransposeSummedBias(torch.autograd.Function):
         return F.conv_transpose2d(x, weight, bias, stride, padding, output_padding)
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cpu")
     def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, weight = ctx.saved_tensors
         stride, padding, output_padding = ctx.geometry
@@ -174,8 +177,13 @@ def _conv_in_blocks(
         2,
         padding,
     )  # (B, (r, s, o), Ho / 2, Wo / 2)
-    y = y.permute(0, 2, 3, 1).reshape(b, ho // 2, wo // 2, 2, 2, o).transpose(2, 3)
-    return y.reshape(b, ho, wo, o).permute(0, 3, 1, 2)  # channels-last (B, O, Ho, Wo)
+    # a tensor of its own (not a view: in-place ops on the output work, as on torch's)
+    out = torch.empty(
+        (b, o, ho, wo), dtype=y.dtype, device=y.device, memory_format=torch.channels_last
+    )
+    blocks_out = out.permute(0, 2, 3, 1).view(b, ho // 2, 2, wo // 2, 2, o)  # (b, i, r, j, s, o)
+    blocks_out.copy_(y.permute(0, 2, 3, 1).view(b, ho // 2, wo // 2, 2, 2, o).transpose(2, 3))
+    return out
 
 
 class _ConvFewOutputsBackward(torch.autograd.Function):
@@ -184,6 +192,7 @@ class _ConvFewOutputsBackward(torch.autograd.Function):
     the output has few channels)."""
 
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cpu")  # the backward runs under the forward's autocast
     def forward(
         ctx: FunctionCtx, x: Tensor, weight: Tensor, bias: Tensor | None, padding: list[int]
     ) -> Tensor:
@@ -193,6 +202,7 @@ class _ConvFewOutputsBackward(torch.autograd.Function):
         return _few_outputs_conv(x, weight, bias, padding)
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cpu")
     def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, weight = ctx.saved_tensors
         (b, c, h, w), (o, _, kh, kw) = x.shape, weight.shape
@@ -307,7 +317,11 @@ class FastConvTranspose2d(nn.ConvTranspose2d):
 def speed_up(model: nn.Module) -> nn.Module:
     """Give each layer of ``model`` that has a faster path here that path, in place; and make
     each LeakyReLU right after a batch norm overwrite the batch norm's output (which that
-    norm's backward does not use: autograd checks it), one activation fewer in memory."""
+    norm's backward does not use: autograd checks it), one activation fewer in memory. That
+    assumes the norm's output goes only to that LeakyReLU, as in vaelab's conv nets (a norm or
+    activation module used in two places, or a hook on the norm, keeps the activation as it
+    was)."""
+    uses = collections.Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
     for module in model.modules():
         if type(module) is nn.Conv2d:
             module.__class__ = FastConv2d
@@ -315,6 +329,12 @@ def speed_up(model: nn.Module) -> nn.Module:
             module.__class__ = FastConvTranspose2d
         elif isinstance(module, nn.Sequential):
             for norm, act in zip(module, list(module)[1:], strict=False):
-                if type(norm) is nn.BatchNorm2d and type(act) is nn.LeakyReLU:
+                if (
+                    type(norm) is nn.BatchNorm2d
+                    and type(act) is nn.LeakyReLU
+                    and act.negative_slope >= 0  # torch's in-place backward needs it
+                    and uses[id(act)] == uses[id(norm)] == 1  # not shared with other places
+                    and not norm._forward_hooks  # nothing else reads the norm's output
+                ):
                     act.inplace = True
     return model
