@@ -40,7 +40,7 @@ FEW_PIXELS = 4  # a 3x3 stride-2 convolution whose small side (its output; a tra
 # input) has at most this many pixels per image and channel is one matrix product (measured
 # faster there; the other side then has at most 4 x FEW_PIXELS)
 FEW_CHANNELS = 4  # a stride-1 convolution with at most this many output channels (an image's
-# colours) takes the backward over the output gradient's taps
+# colours) is computed in 2x2 blocks, its backward over the output gradient's taps
 
 
 def _plain(layer: nn.Conv2d | nn.ConvTranspose2d, x: Tensor) -> bool:
@@ -147,14 +147,14 @@ class _ConvTransposeSummedBias(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None
 
 
-def _few_outputs_conv(x: Tensor, weight: Tensor, bias: Tensor | None, padding: list[int]) -> Tensor:
-    """A stride-1 convolution with few output channels: by ``_conv_in_blocks`` where the output
-    sizes are even, else ``F.conv2d``."""
-    (kh, kw), (ph, pw) = weight.shape[2:], padding
-    ho, wo = x.shape[2] + 2 * ph - kh + 1, x.shape[3] + 2 * pw - kw + 1
-    if ho % 2 or wo % 2:
+def _few_outputs_conv(
+    x: Tensor, weight: Tensor, bias: Tensor | None, padding: list[int], size: tuple[int, int]
+) -> Tensor:
+    """A stride-1 convolution with few output channels (output ``size``): by
+    ``_conv_in_blocks`` where both sizes are even, else ``F.conv2d``."""
+    if size[0] % 2 or size[1] % 2:
         return F.conv2d(x, weight, bias, 1, padding)
-    return _conv_in_blocks(x, weight, bias, padding, ho, wo)
+    return _conv_in_blocks(x, weight, bias, padding, *size)
 
 
 def _conv_in_blocks(
@@ -194,12 +194,17 @@ class _ConvFewOutputsBackward(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cpu")  # the backward runs under the forward's autocast
     def forward(
-        ctx: FunctionCtx, x: Tensor, weight: Tensor, bias: Tensor | None, padding: list[int]
+        ctx: FunctionCtx,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        padding: list[int],
+        size: tuple[int, int],
     ) -> Tensor:
         ctx.save_for_backward(x, weight)
         ctx.padding = padding
         ctx.has_bias = bias is not None
-        return _few_outputs_conv(x, weight, bias, padding)
+        return _few_outputs_conv(x, weight, bias, padding, size)
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cpu")
@@ -227,15 +232,17 @@ class _ConvFewOutputsBackward(torch.autograd.Function):
             grad_w = (cols @ rows).view(kh, kw, o, c).permute(2, 3, 0, 1).contiguous()
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad.sum(dim=(0, 2, 3))
-        return grad_x, grad_w, grad_b, None
+        return grad_x, grad_w, grad_b, None, None
 
 
-def _few_outputs(layer: nn.Conv2d, x: Tensor) -> bool:
+def _few_outputs(layer: nn.Conv2d, x: Tensor, size: tuple[int, int]) -> bool:
     """Whether the layer takes ``_few_outputs_conv`` (and, with a gradient to compute,
     ``_ConvFewOutputsBackward``): a stride-1 convolution with at most ``FEW_CHANNELS``
-    outputs, a channels-last input, and padding under the kernel size."""
+    outputs, a channels-last input, padding under the kernel size, and a non-empty output
+    ``size`` (an empty or negative one goes to torch, which reports it)."""
     return (
-        layer.stride == (1, 1)
+        min(size) > 0
+        and layer.stride == (1, 1)
         and layer.out_channels <= FEW_CHANNELS
         and _channels_last(x)
         and all(p < k for p, k in zip(layer.padding, layer.kernel_size, strict=True))
@@ -244,22 +251,26 @@ def _few_outputs(layer: nn.Conv2d, x: Tensor) -> bool:
 
 class FastConv2d(nn.Conv2d):
     """``nn.Conv2d``; one matrix product when the output has at most ``FEW_PIXELS`` pixels;
-    a backward over the output gradient's taps when it has at most ``FEW_CHANNELS``
-    channels."""
+    2x2 output blocks and a backward over the output gradient's taps when it has at most
+    ``FEW_CHANNELS`` channels."""
 
     def forward(self, x: Tensor) -> Tensor:
         if not _plain(self, x):
             return super().forward(x)
         ho, wo = _conv_size(self, x)
-        if not _few_pixels(self, (ho, wo), x.shape[2:]):
-            if _few_outputs(self, x) and min(ho, wo) > 0:
-                x, weight, bias = _autocast_inputs(x, self.weight, self.bias)
-                padding = list(self.padding)
-                with torch.autocast("cpu", enabled=False):
-                    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-                        return _ConvFewOutputsBackward.apply(x, weight, bias, padding)
-                    return _few_outputs_conv(x, weight, bias, padding)
-            return super().forward(x)
+        if _few_pixels(self, (ho, wo), x.shape[2:]):
+            return self._matmul(x, ho, wo)
+        if _few_outputs(self, x, (ho, wo)):
+            x, weight, bias = _autocast_inputs(x, self.weight, self.bias)
+            padding = list(self.padding)
+            with torch.autocast("cpu", enabled=False):
+                if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+                    return _ConvFewOutputsBackward.apply(x, weight, bias, padding, (ho, wo))
+                return _few_outputs_conv(x, weight, bias, padding, (ho, wo))
+        return super().forward(x)
+
+    def _matmul(self, x: Tensor, ho: int, wo: int) -> Tensor:
+        """The input under each kernel position (im2col) times the kernel, one product."""
         rows = _unfold(self, x, ho, wo)
         weight = self.weight.permute(0, 2, 3, 1).reshape(self.out_channels, -1)  # (O, kh kw C)
         y = rows @ weight.t() if self.bias is None else torch.addmm(self.bias, rows, weight.t())
