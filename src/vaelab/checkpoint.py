@@ -5,15 +5,13 @@ resume, ``state/train_state.safetensors``: the model, optimizer and RNG tensors 
 the counters and optimizer settings as JSON in its metadata. One file means one atomic rename, so
 a resume can never pair weights of one epoch with an optimizer of another.
 
-Every file is written to a temporary name in the same folder and renamed into place, so a crash
-leaves either the old file or the new one, never half of one.
+Every file is written with ``rundir.atomic_write`` (a temporary name in the same folder, then a
+rename), so a crash leaves either the old file or the new one, never half of one.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +22,7 @@ from safetensors.torch import save as st_save
 from vaelab import models
 from vaelab.config import ConfigError, from_dict, to_dict
 from vaelab.models.base import GenerativeModel
+from vaelab.rundir import atomic_write
 
 FORMAT = "vaelab-model/1"
 STATE_FILE = Path("state") / "train_state.safetensors"
@@ -31,43 +30,6 @@ STATE_FILE = Path("state") / "train_state.safetensors"
 
 class CheckpointError(RuntimeError):
     """A run directory or checkpoint file that cannot be read (message names the file)."""
-
-
-def atomic_write(path: str | Path, data: bytes | str) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    raw = data.encode() if isinstance(data, str) else data
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        with open(tmp, "xb") as f:  # "x": a new file, with the user's usual permissions
-            f.write(raw)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)  # the rename itself survives a power cut
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # not every platform opens folders
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def remove_stale_temporaries(run_dir: str | Path) -> None:
-    """Delete temporary files that a killed process left in a run directory."""
-    for tmp in Path(run_dir).rglob(".*.tmp"):
-        tmp.unlink(missing_ok=True)
 
 
 def _read_json(path: Path) -> Any:

@@ -12,12 +12,14 @@ from pathlib import Path
 from vaelab.checkpoint import CheckpointError
 from vaelab.config import ConfigError, load_config
 from vaelab.data import DataError
+from vaelab.rundir import RunDirError
 from vaelab.train import TrainingDiverged
 
 USAGE_ERRORS = (
     ConfigError,
     DataError,
     CheckpointError,
+    RunDirError,
     TrainingDiverged,
     FileExistsError,
     NotADirectoryError,

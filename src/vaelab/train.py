@@ -35,7 +35,6 @@ from vaelab.checkpoint import (
     atomic_write,
     load_train_state,
     read_metrics,
-    remove_stale_temporaries,
     save_model_config,
     save_train_state,
     save_weights,
@@ -47,6 +46,7 @@ from vaelab.distributed import World
 from vaelab.models.base import GenerativeModel
 from vaelab.nets.fast import speed_up
 from vaelab.rng import noise_shard, seeded
+from vaelab.rundir import remove_stale_temporaries
 
 EpochCallback = Callable[[int, list[dict[str, Any]]], None]
 VAL_SEED = 1234  # the noise used in validation: fixed, so epochs compare like for like
