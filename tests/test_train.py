@@ -17,6 +17,7 @@ from tests.conftest import tiny_config
 from vaelab.checkpoint import CheckpointError, weights_metadata
 from vaelab.config import ConfigError
 from vaelab.models.vae import VAE
+from vaelab.rundir import RunDirError
 from vaelab.train import TrainingDiverged, learning_rate, read_metrics
 
 KEYS = ["split", "epoch", "step", "loss", "recon", "kl", "elbo_nats", "bpd", "seconds"]
@@ -96,7 +97,7 @@ def test_resume_can_extend_but_not_change_the_run(tmp_path, splits):
     assert read_metrics(run)[-1]["epoch"] == 2
     with pytest.raises(ConfigError, match="'model.beta' cannot change when resuming"):
         vaelab.resume(run, ["model.beta=3"], splits=splits)
-    with pytest.raises(FileExistsError, match="already holds a run"):
+    with pytest.raises(RunDirError, match="already holds a run"):
         vaelab.train(tiny_config(), run, splits=splits)
     with pytest.raises(CheckpointError, match="is '.*' a vaelab run"):
         vaelab.resume(tmp_path / "nothing", splits=splits)

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import hashlib
 import json
 import math
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -26,11 +28,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from tqdm.auto import tqdm
 
-from vaelab import data, distributed, models
+from vaelab import data, distributed, models, progress, rundir
 from vaelab.checkpoint import (
-    STATE_FILE,
     CheckpointError,
     atomic_write,
     load_train_state,
@@ -38,19 +38,25 @@ from vaelab.checkpoint import (
     save_model_config,
     save_train_state,
     save_weights,
+    weights_metadata,
 )
 from vaelab.config import ConfigError, RunConfig, TrainConfig, dump_yaml, load_config, to_dict
-from vaelab.data import ImageDataset, Splits
-from vaelab.data.base import DeviceImages, batch_source
+from vaelab.data import DataError, ImageDataset, Splits
+from vaelab.data.base import DeviceImages, batch_source, log
 from vaelab.distributed import World
 from vaelab.models.base import GenerativeModel
 from vaelab.nets.fast import speed_up
 from vaelab.rng import noise_shard, seeded
-from vaelab.rundir import remove_stale_temporaries
 
 EpochCallback = Callable[[int, list[dict[str, Any]]], None]
 VAL_SEED = 1234  # the noise used in validation: fixed, so epochs compare like for like
+FINGERPRINT_CHUNK = 8192  # images hashed at a time by data_fingerprint
+# Keys that may change when a run is continued: how it runs, not what it learns. The data's
+# location may change too: its pixels are checked against the run's fingerprint.
 RESUMABLE_KEYS = (
+    "data.root",
+    "data.cache_dir",
+    "data.workers",
     "train.epochs",
     "train.precision",
     "train.channels_last",
@@ -246,23 +252,59 @@ def train(
     splits: Splits | None = None,
     on_epoch_end: EpochCallback | None = None,
 ) -> Path:
-    """Train a new run into ``out`` (which must not already hold a run); return its path.
+    """Train a new run into ``out`` (a missing or empty folder); return its path.
 
-    Bad input (a device that is not there, data that cannot be read) fails before the run
-    directory is created. Under torchrun every process calls this; only rank 0 writes.
+    Bad input (a device that is not there, data that cannot be read, a folder that holds
+    anything) fails before anything is written. A run that fails before its first epoch has
+    finished is removed again: it held nothing but its config, and the same command can be
+    retried. Under torchrun every process calls this; only rank 0 writes.
     """
-    run = Path(out)
-    if (run / "config.yaml").exists():
-        raise FileExistsError(f"'{run}' already holds a run: resume it with `--resume {run}`")
-    if run.exists() and not run.is_dir():
-        raise NotADirectoryError(f"'{run}' exists and is not a directory")
+    run = rundir.check_new_run(out)
     session = _session(cfg, splits)
+    recorded = _recording(cfg, session.splits)
     distributed.barrier(session.world)  # every rank has checked `out` before rank 0 writes it
+    lock = None
     if session.world.is_main:
-        run.mkdir(parents=True, exist_ok=True)
-        save_model_config(run, session.model, {"data": to_dict(cfg.data)})
-        atomic_write(run / "config.yaml", dump_yaml(cfg))  # last: it marks the folder as a run
-    return _fit(run, session, {"epoch": 0, "step": 0, "seconds": 0.0}, [], on_epoch_end)
+        created = not run.exists()
+        lock = rundir.lock(run, what="training")
+        try:
+            rundir.check_new_run(run)  # again, under the lock: another process may have begun
+        except BaseException:
+            lock.release()
+            raise
+        try:
+            save_model_config(run, session.model, recorded)
+            atomic_write(run / rundir.CONFIG, dump_yaml(cfg))  # last: it marks the folder as a run
+        except BaseException:
+            _remove_unfinished(run, created, lock)
+            raise
+    try:
+        return _fit(run, session, {"epoch": 0, "step": 0, "seconds": 0.0}, [], on_epoch_end)
+    except BaseException:
+        if lock is not None and not rundir.has_checkpoint(run):
+            _remove_unfinished(run, created, lock)
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _remove_unfinished(run: Path, created: bool, lock: rundir.Lock) -> None:
+    """Remove what a new run wrote before its first checkpoint (only vaelab's own names), and
+    the folder if this process created it and it is left empty."""
+    for name in (rundir.CONFIG, rundir.MODEL_CONFIG, rundir.METRICS):
+        (run / name).unlink(missing_ok=True)
+    rundir.remove_stale_temporaries(run)
+    if (run / rundir.TENSORBOARD).is_dir():
+        shutil.rmtree(run / rundir.TENSORBOARD, ignore_errors=True)
+    for folder in ("state", rundir.EVAL, rundir.FIGURES):
+        with contextlib.suppress(OSError):
+            (run / folder).rmdir()  # only if empty
+    lock.release()
+    if created:
+        (run / rundir.LOCK).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            run.rmdir()
 
 
 def resume(
@@ -271,6 +313,7 @@ def resume(
     *,
     splits: Splits | None = None,
     on_epoch_end: EpochCallback | None = None,
+    accept_changes: bool = False,
 ) -> Path:
     """Continue an interrupted run from its last checkpoint, or extend it (train.epochs=N).
 
@@ -278,39 +321,161 @@ def resume(
     on the same number of processes or another (up to summation order across processes).
     Extending a run with train.lr_schedule=cosine stretches the rest of its schedule to the new
     length, so it ends elsewhere than a run planned that long from the start.
+
+    Refused (one line): a run that is being trained by another process; a run with weights but
+    no resume state; keys that cannot change (only RESUMABLE_KEYS may, unless no epoch has
+    finished yet: then nothing was trained and any key may change); hand edits of such keys in
+    config.yaml, and data that changed since the run began, unless ``accept_changes`` (then
+    each change is logged).
     """
-    run = Path(run_dir)
-    if not (run / "config.yaml").is_file():
-        raise CheckpointError(f"'{run / 'config.yaml'}' not found: is '{run}' a vaelab run?")
-    for text in overrides or []:
-        key = text.partition("=")[0].strip()
-        if key not in RESUMABLE_KEYS:
-            raise ConfigError(
-                f"config key '{key}' cannot change when resuming (allowed: "
-                f"{', '.join(RESUMABLE_KEYS)})"
-            )
-    cfg = load_config(run / "config.yaml", overrides)
+    run = rundir.folder_arg(run_dir, "--resume")
+    if not (run / rundir.CONFIG).is_file():
+        raise CheckpointError(f"'{run / rundir.CONFIG}' not found: is '{run}' a vaelab run?")
+    world = distributed.from_environment()
+    lock = rundir.lock(run, what="training") if world.is_main else None
+    try:
+        cfg, counters, rows, session = _reopen(run, overrides or [], splits, accept_changes)
+        if world.is_main:
+            rundir.remove_stale_temporaries(run)
+            if overrides:
+                atomic_write(run / rundir.CONFIG, dump_yaml(cfg))
+        return _fit(run, session, counters, rows, on_epoch_end)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _reopen(
+    run: Path, overrides: list[str], splits: Splits | None, accept_changes: bool
+) -> tuple[RunConfig, dict[str, Any], list[dict[str, Any]], _Session]:
+    """What ``resume`` continues from: the config, counters, metrics rows and session, each
+    checked against what the run recorded when it began."""
+    state = run / rundir.STATE
+    started = rundir.has_checkpoint(run)
+    if started and not state.is_file():
+        epoch = weights_metadata(run).get("epoch", "?")
+        raise CheckpointError(
+            f"'{state}' is missing, but '{run}' holds the weights of epoch {epoch}: without it "
+            "the run cannot continue exactly (use the weights as they are, or train a new run)"
+        )
+    if started:
+        for text in overrides:
+            key = text.partition("=")[0].strip()
+            if key not in RESUMABLE_KEYS:
+                raise ConfigError(
+                    f"config key '{key}' cannot change when resuming (allowed: "
+                    f"{', '.join(RESUMABLE_KEYS)})"
+                )
+    cfg = load_config(run / rundir.CONFIG, overrides)
+    recorded = _recorded(run)
+    if started:
+        _check_unchanged(run, cfg, recorded, accept_changes)
     session = _session(cfg, splits)
+    if started:
+        _check_same_data(run, session.splits, recorded, accept_changes)
     counters: dict[str, Any] = {"epoch": 0, "step": 0, "seconds": 0.0}
     rows: list[dict[str, Any]] = []
-    if (run / STATE_FILE).is_file():
+    if started:
         counters = load_train_state(run, session.model, session.optimizer)
         scaler_state = counters.pop("grad_scaler", None)
         if scaler_state is not None:  # an fp16 run; a run switched to fp16 starts a fresh scale
             session.scaler.load_state_dict(scaler_state)
         # Rows logged after the checkpoint (a crash between the two writes) are dropped.
         rows = [r for r in read_metrics(run) if r["epoch"] <= counters["epoch"]]
+    elif session.world.is_main:
+        # Nothing trained yet: the run starts over with this config (train.lr=..., say).
+        save_model_config(run, session.model, _recording(cfg, session.splits))
     if cfg.train.epochs < counters["epoch"]:
         raise ConfigError(
             f"config key 'train.epochs': '{run}' has finished {counters['epoch']} epochs, "
             f"expected at least that many, got {cfg.train.epochs}"
         )
     distributed.barrier(session.world)  # every rank has read the run before rank 0 writes
-    if session.world.is_main:
-        remove_stale_temporaries(run)
-        if overrides:
-            atomic_write(run / "config.yaml", dump_yaml(cfg))
-    return _fit(run, session, counters, rows, on_epoch_end)
+    return cfg, counters, rows, session
+
+
+def _recording(cfg: RunConfig, splits: Splits) -> dict[str, Any]:
+    """What config.json records when a run begins, besides the model: the data and train
+    sections and the data's fingerprint, which resume checks."""
+    return {
+        "data": to_dict(cfg.data),
+        "train": to_dict(cfg.train),
+        "fingerprint": data_fingerprint(splits),
+    }
+
+
+def _recorded(run: Path) -> dict[str, Any]:
+    """What config.json recorded when the run began (older runs: model and data only)."""
+    path = run / rundir.MODEL_CONFIG
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"'{path}': not readable JSON ({err})") from None
+    if not isinstance(info, dict):
+        raise CheckpointError(f"'{path}': expected a JSON object")
+    return info
+
+
+def _check_unchanged(
+    run: Path, cfg: RunConfig, recorded: dict[str, Any], accept_changes: bool
+) -> None:
+    """Refuse hand edits of config.yaml to keys that the command line may not change."""
+    now = cfg.to_dict()
+    changes = []
+    for section in ("data", "model", "train"):
+        before = recorded.get(section)
+        if not isinstance(before, dict):
+            continue
+        for key, value in before.items():
+            dotted = f"{section}.{key}"
+            if dotted in RESUMABLE_KEYS:
+                continue
+            if key in now[section] and now[section][key] != value:
+                changes.append(f"{dotted} {value!r} -> {now[section][key]!r}")
+    if not changes:
+        return
+    if not accept_changes:
+        raise ConfigError(
+            f"'{run / rundir.CONFIG}' was edited since the run began ({'; '.join(changes)}): "
+            "put it back, or pass --accept-changes to continue with the edits"
+        )
+    for change in changes:
+        log.warning(f"{run}: continuing with an edited config.yaml: {change}")
+
+
+def _check_same_data(
+    run: Path, splits: Splits, recorded: dict[str, Any], accept_changes: bool
+) -> None:
+    """Refuse to continue a run on other data than it began with."""
+    before = recorded.get("fingerprint")
+    if not isinstance(before, dict):
+        return  # a run from before fingerprints were recorded
+    now = data_fingerprint(splits)
+    if now == before:
+        return
+    what = (
+        f"{before.get('train')} train / {before.get('val')} val images, now "
+        f"{now['train']} / {now['val']}"
+        if (before.get("train"), before.get("val")) != (now["train"], now["val"])
+        else "same counts, other pixels"
+    )
+    if not accept_changes:
+        raise DataError(
+            f"the data of '{run}' changed since the run began ({what}): resuming would train "
+            "on other data; restore it, or pass --accept-changes to continue on the new data"
+        )
+    log.warning(f"{run}: continuing on changed data ({what})")
+
+
+def data_fingerprint(splits: Splits) -> dict[str, Any]:
+    """The train and val images' counts and a digest of their pixels, recorded when a run
+    begins so that a resume on other data is noticed (a few seconds for CelebA)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for part in (splits.train, splits.val):
+        digest.update(repr((len(part), part.shape)).encode())
+        for i in range(0, len(part), FINGERPRINT_CHUNK):
+            digest.update(np.ascontiguousarray(part.uint8(slice(i, i + FINGERPRINT_CHUNK))).data)
+    return {"train": len(splits.train), "val": len(splits.val), "digest": digest.hexdigest()}
 
 
 def _check_splittable(cfg: RunConfig) -> None:
@@ -345,9 +510,9 @@ def _diverged(what: str, run: Path, last_epoch: int) -> TrainingDiverged:
     kept = (
         f"the last good checkpoint (epoch {last_epoch}) in '{run}' is intact"
         if last_epoch
-        else f"no epoch had finished, so '{run}' holds no checkpoint"
+        else f"no epoch had finished, so nothing of '{run}' was kept"
     )
-    return TrainingDiverged(f"{what}; {kept} (try a smaller train.lr)")
+    return TrainingDiverged(f"{what}; {kept} (try again with a smaller train.lr)")
 
 
 def _all_finite(module: torch.nn.Module) -> bool:
@@ -393,10 +558,10 @@ def _fit(
             if isinstance(source, DeviceImages):
                 mine = mine.to(device)
             sums = _Sums()
-            bar = tqdm(
-                total=steps_per_epoch,
-                desc=f"{cfg.model.name} epoch {epoch}/{tc.epochs}",
-                disable=not show,
+            bar = progress.bar(
+                steps_per_epoch,
+                f"{cfg.model.name} epoch {epoch}/{tc.epochs}",
+                show,
                 leave=False,
                 dynamic_ncols=True,
             )
@@ -448,7 +613,14 @@ def _fit(
             counters["epoch"] = epoch
             rows += [train_row, val_row]
             if world.is_main:
-                _write_epoch(run, session, counters, rows)
+                try:
+                    _write_epoch(run, session, counters, rows)
+                except rundir.RunDirError as err:  # a full disk, a folder made read-only
+                    kept = f"epoch {epoch - 1}" if epoch > 1 else "none yet"
+                    raise rundir.RunDirError(
+                        f"{err}; the last checkpoint in '{run}' is intact ({kept}): make room, "
+                        f"then `vaelab train --resume {run}`"
+                    ) from None
                 if show:
                     print(
                         _epoch_line(cfg.model.name, epoch, tc.epochs, train_row, val_row),
