@@ -5,25 +5,52 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
+from vaelab import rundir
 from vaelab.checkpoint import CheckpointError
 from vaelab.config import ConfigError, load_config
 from vaelab.data import DataError
 from vaelab.rundir import RunDirError
 from vaelab.train import TrainingDiverged
 
-USAGE_ERRORS = (
-    ConfigError,
-    DataError,
-    CheckpointError,
-    RunDirError,
-    TrainingDiverged,
-    FileExistsError,
-    NotADirectoryError,
-)
+# Errors that are the input's fault: one line, exit code 2. OSError: a file that cannot be read
+# or written (permissions, a full disk), named by the error itself.
+USAGE_ERRORS = (ConfigError, DataError, CheckpointError, RunDirError, TrainingDiverged, OSError)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with vaelab's one-line errors (its own print the usage first)."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"vaelab: error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def count(text: str) -> int:
+    """An argument that counts something: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def positive(text: str) -> float:
+    """A finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
 
 
 def _split_args(items: list[str]) -> tuple[str | None, list[str]]:
@@ -47,10 +74,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.resume:
             if path is not None:
                 raise ConfigError("--resume reads the run's own config.yaml: give no config file")
-            run = resume(args.resume, overrides)
+            run = resume(args.resume, overrides, accept_changes=args.accept_changes)
         else:
             if args.out is None:
                 raise ConfigError("vaelab train needs --out RUN (or --resume RUN)")
+            if args.accept_changes:
+                raise ConfigError("--accept-changes goes with --resume RUN")
             run = train(load_config(path, overrides), args.out)
     finally:
         distributed.close()
@@ -108,14 +137,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_draw(args: argparse.Namespace) -> int:
     from vaelab.report import draw
 
+    keep = {"overwrite": args.overwrite}
     if args.command == "sample":
-        out = draw.draw_samples(args.run, args.out, args.n, args.temperature, args.seed)
+        out = draw.draw_samples(args.run, args.out, args.n, args.temperature, args.seed, **keep)
     elif args.command == "reconstruct":
-        out = draw.draw_reconstructions(args.run, args.out, args.n, args.split)
+        out = draw.draw_reconstructions(args.run, args.out, args.n, args.split, **keep)
     elif args.command == "interpolate":
-        out = draw.draw_interpolations(args.run, args.out, args.pairs, args.steps)
+        out = draw.draw_interpolations(args.run, args.out, args.pairs, args.steps, **keep)
     else:
-        out = draw.draw_traversal(args.run, args.out, args.dims, args.steps, args.limit)
+        out = draw.draw_traversal(args.run, args.out, args.dims, args.steps, args.limit, **keep)
     print(f"written {out}")
     return 0
 
@@ -125,7 +155,9 @@ def cmd_encode(args: argparse.Namespace) -> int:
     from vaelab.report.draw import run_split
 
     _, overrides = _split_args(args.items)
-    out = encode(args.run, args.out, run_split(args.run, args.split, overrides))
+    rundir.check_output(args.out, overwrite=args.overwrite)  # before the data is read
+    dataset = run_split(args.run, args.split, overrides)
+    out = encode(args.run, args.out, dataset, overwrite=args.overwrite)
     print(f"written {out}")
     return 0
 
@@ -134,6 +166,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from vaelab.evaluate import evaluate
     from vaelab.report.html import is_sweep, sweep_runs, write_report, write_sweep_report
 
+    rundir.check_output(args.out, overwrite=args.overwrite)  # before any run is evaluated
     sweep = len(args.runs) == 1 and is_sweep(args.runs[0])
     runs = sweep_runs(args.runs[0])[1] if sweep else args.runs
     if sweep:  # a sweep in progress: report the runs that have finished an epoch
@@ -142,9 +175,9 @@ def cmd_report(args: argparse.Namespace) -> int:
         if not (Path(run) / "eval" / "val.json").is_file():
             evaluate(run, "val", args.iw_samples, progress=not args.quiet)
     if sweep:
-        out = write_sweep_report(args.runs[0], args.out)
+        out = write_sweep_report(args.runs[0], args.out, overwrite=args.overwrite)
     else:
-        out = write_report(runs, args.out, args.title)
+        out = write_report(runs, args.out, args.title, overwrite=args.overwrite)
     print(f"written {out}")
     return 0
 
@@ -168,7 +201,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="vaelab", description="Train, evaluate and compare variational autoencoders."
     )
     sub = parser.add_subparsers(dest="command", required=True)
@@ -182,12 +215,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", help="the run directory to create")
     p.add_argument("--resume", metavar="RUN", help="continue an interrupted run")
+    p.add_argument(
+        "--accept-changes",
+        action="store_true",
+        help="with --resume: continue although config.yaml was edited or the data changed "
+        "since the run began (each change is logged)",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("demo", help="decoder-only, VAE and beta-VAE on the embedded MNIST digits")
     p.add_argument("--out", default="runs/demo", help="where the runs go (default: runs/demo)")
-    p.add_argument("--epochs", type=int, default=0, help="epochs per model (default: the demo's)")
-    p.add_argument("--iw-samples", type=int, default=0, help="K for the val evaluation (0: 50)")
+    p.add_argument("--epochs", type=count, help="epochs per model (default: the demo's)")
+    p.add_argument("--iw-samples", type=count, help="K for the val evaluation (default: 50)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
 
@@ -199,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="ELBO, IS log-likelihood, gap, active units, ... of a run")
     p.add_argument("run")
     p.add_argument("--split", default="val", choices=["val", "test"])
-    p.add_argument("--iw-samples", type=int, default=1000, help="importance samples K")
+    p.add_argument("--iw-samples", type=count, default=1000, help="importance samples K")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_evaluate)
@@ -209,29 +248,31 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=summary)
         p.add_argument("run")
         p.add_argument("--out", required=True, help="PNG file")
+        overwrite_option(p)
         p.set_defaults(func=cmd_draw)
         return p
 
     p = picture("sample", "a grid of samples from the prior")
-    p.add_argument("-n", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=1.0, help="z ~ N(0, T^2 I)")
+    p.add_argument("-n", type=count, default=64)
+    p.add_argument("--temperature", type=positive, default=1.0, help="z ~ N(0, T^2 I)")
     p.add_argument("--seed", type=int, default=0)
     p = picture("reconstruct", "real images above their reconstructions")
-    p.add_argument("-n", type=int, default=32)
+    p.add_argument("-n", type=count, default=32)
     p.add_argument("--split", default="val", choices=["train", "val", "test"])
     p = picture("interpolate", "latent interpolations between pairs of val images")
-    p.add_argument("--pairs", type=int, default=6)
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--pairs", type=count, default=6)
+    p.add_argument("--steps", type=count, default=10)
     p = picture("traverse", "one row per most-active latent dimension, -3..3")
-    p.add_argument("--dims", type=int, default=8)
-    p.add_argument("--steps", type=int, default=9)
-    p.add_argument("--limit", type=float, default=3.0)
+    p.add_argument("--dims", type=count, default=8)
+    p.add_argument("--steps", type=count, default=9)
+    p.add_argument("--limit", type=positive, default=3.0)
 
     p = sub.add_parser("encode", help="posterior means of a split, as .npy")
     p.add_argument("run")
     p.add_argument("items", nargs="*", metavar="[data.key=value]")
     p.add_argument("--split", default="val", choices=["train", "val", "test"])
     p.add_argument("--out", required=True, help=".npy file")
+    overwrite_option(p)
     p.set_defaults(func=cmd_encode)
 
     p = sub.add_parser("sweep", help="one run per value: key=v1,v2,... (resumable)")
@@ -243,7 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", metavar="RUN", help="run folders, or one sweep folder")
     p.add_argument("--out", required=True, help="HTML file")
     p.add_argument("--title", default="vaelab report")
-    p.add_argument("--iw-samples", type=int, default=100, help="K for runs not yet evaluated")
+    p.add_argument("--iw-samples", type=count, default=100, help="K for runs not yet evaluated")
+    overwrite_option(p)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_report)
 
@@ -252,6 +294,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_config)
     return parser
+
+
+def overwrite_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --out even if vaelab did not write it (never a run's own files)",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -271,12 +321,37 @@ def main(argv: list[str] | None = None) -> int:
     except USAGE_ERRORS as err:
         print(f"vaelab: error: {err}", file=sys.stderr)
         return 2
+    except (MemoryError, RuntimeError) as err:
+        if not _out_of_memory(err):
+            raise
+        print(
+            f"vaelab: error: out of memory ({_first_line(err)}): lower train.batch_size, "
+            "data.size or model.widths",
+            file=sys.stderr,
+        )
+        return 2
     except KeyboardInterrupt:
         print(
-            "vaelab: interrupted; a run keeps its last finished epoch (continue: --resume RUN)",
+            "vaelab: interrupted; a run keeps its last finished epoch (continue: --resume RUN), "
+            "a new run with no finished epoch is removed",
             file=sys.stderr,
         )
         return 130
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    import torch
+
+    return isinstance(err, MemoryError | torch.OutOfMemoryError) or (
+        "can't allocate memory" in str(err)
+    )
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    if "you tried to allocate" in text:  # torch's CPU allocator: keep the size, drop the rest
+        text = "tried to allocate" + text.split("you tried to allocate", 1)[1]
+    return (text.splitlines() or [type(err).__name__])[0][:200]
 
 
 if __name__ == "__main__":

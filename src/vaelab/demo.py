@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from vaelab import data
+from vaelab import data, rundir
 from vaelab.checkpoint import atomic_write, load, read_metrics
 from vaelab.config import load_config
 from vaelab.evaluate import evaluate
@@ -42,6 +42,45 @@ OVERVIEW_TITLE = (
     "decoder-only collapses to the average digit; the VAE learns; "
     "beta = 4 trades detail for a smaller KL"
 )
+
+
+SUMMARY, OVERVIEW, REPORT = "summary.json", "overview.png", "report.html"
+
+
+def check_demo_folder(out: str | Path) -> Path:
+    """The demo's folder: missing, empty, or one the demo wrote (its three runs, overview.png,
+    report.html, summary.json). Anything else in it is the user's, and the demo refuses."""
+    out = rundir.folder_arg(out)
+    if out.exists() and not out.is_dir():
+        raise rundir.RunDirError(f"'{out}' exists and is not a folder")
+    if not out.is_dir():
+        return out
+    for entry in sorted(out.iterdir()):
+        name = entry.name
+        if name == rundir.LOCK:
+            continue
+        if name in EXPERIMENTS and entry.is_dir():
+            ours = rundir.is_run(entry) or not any(entry.iterdir())
+        elif name in (OVERVIEW, REPORT):
+            ours = entry.is_file() and rundir.written_by_vaelab(entry)
+        elif name == SUMMARY:
+            ours = entry.is_file() and _is_summary(entry)
+        else:
+            ours = False
+        if not ours:
+            raise rundir.RunDirError(
+                f"'{out}' holds '{name}', which the demo did not write: the demo needs an empty "
+                "or missing folder, or one of its own; choose another --out"
+            )
+    return out
+
+
+def _is_summary(path: Path) -> bool:
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(summary, dict) and set(summary) <= set(EXPERIMENTS)
 
 
 def write_figures(
@@ -72,9 +111,15 @@ def run_demo(
     """Train the three experiments into OUT/<model>, evaluate each on val, and write figures,
     OUT/overview.png, OUT/report.html and OUT/summary.json.
 
-    Re-running skips finished runs and resumes interrupted ones.
+    Re-running skips finished runs and resumes interrupted ones. ``out`` must be missing,
+    empty, or a folder the demo wrote; it is locked while the demo runs.
     """
-    out = Path(out)
+    out = check_demo_folder(out)
+    with rundir.lock(out, what="running the demo"):
+        return _run_demo(out, epochs, progress, iw_samples)
+
+
+def _run_demo(out: Path, epochs: int, progress: bool, iw_samples: int) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     panels: dict[str, list[tuple[str, torch.Tensor, int]]] = {}
     splits = None
@@ -110,9 +155,9 @@ def run_demo(
         }
         if hasattr(cfg.model, "beta"):
             summary[name]["beta"] = cfg.model.beta
-    save_overview(panels, out / "overview.png", title=OVERVIEW_TITLE)
-    write_report([out / name for name in EXPERIMENTS], out / "report.html", title=REPORT_TITLE)
-    atomic_write(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    save_overview(panels, out / OVERVIEW, title=OVERVIEW_TITLE)
+    write_report([out / name for name in EXPERIMENTS], out / REPORT, title=REPORT_TITLE)
+    atomic_write(out / SUMMARY, json.dumps(summary, indent=2) + "\n")
     return summary
 
 
