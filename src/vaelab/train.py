@@ -609,6 +609,13 @@ def _fit(
             start = time.perf_counter()
             val_means = evaluate_split(model, session.splits.val, batch_size, device, world=world)
             counters["seconds"] += time.perf_counter() - start
+            if not math.isfinite(val_means["loss"] or 0.0):
+                # Finite weights can still be too large for a finite forward pass.
+                raise _diverged(
+                    f"the validation loss became {val_means['loss']} after epoch {epoch}",
+                    run,
+                    epoch - 1,
+                )
             val_row = _row("val", epoch, counters, val_means, model)
             counters["epoch"] = epoch
             rows += [train_row, val_row]

@@ -48,7 +48,7 @@ def run_cli(*args: str | Path, cwd: Path, env: dict[str, str] | None = None) -> 
 
 
 def snapshot(root: Path, skip: Iterable[str] = (".cache-vaelab",)) -> dict[str, str]:
-    """Relative path -> sha256 (or 'dir', or the link target) of everything under ``root``."""
+    """Relative path -> sha256 (or 'dir', the link target, 'lock') of everything under ``root``."""
     out: dict[str, str] = {}
     skip = set(skip)
     for dirpath, dirnames, filenames in os.walk(root):
@@ -61,6 +61,8 @@ def snapshot(root: Path, skip: Iterable[str] = (".cache-vaelab",)) -> dict[str, 
             rel = (rel_dir / name).as_posix()
             if path.is_symlink():
                 out[rel] = "link:" + os.readlink(path)
+            elif name == ".vaelab.lock":  # vaelab's own; it holds the pid of the last holder
+                out[rel] = "lock"
             elif path.is_file():
                 out[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
             else:
