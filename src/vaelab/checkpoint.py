@@ -12,6 +12,7 @@ rename), so a crash leaves either the old file or the new one, never half of one
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 
 from vaelab import models
-from vaelab.config import ConfigError, from_dict, to_dict
+from vaelab.config import ConfigError, ModelConfig, from_dict, to_dict
 from vaelab.models.base import GenerativeModel
 from vaelab.rundir import atomic_write
 
@@ -36,9 +37,15 @@ def _read_json(path: Path) -> Any:
     if not path.is_file():
         raise CheckpointError(f"'{path}' not found: is '{path.parent}' a vaelab run directory?")
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise CheckpointError(f"'{path}': not UTF-8 text, expected JSON") from None
     except json.JSONDecodeError as err:
         raise CheckpointError(f"'{path}': not valid JSON ({err})") from None
+    except RecursionError:
+        raise CheckpointError(f"'{path}': not valid JSON (nested too deeply)") from None
+    except OSError as err:
+        raise CheckpointError(f"'{path}': cannot read it ({err.strerror or err})") from None
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -48,9 +55,39 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
-    except (SafetensorError, OSError, ValueError) as err:
+    except (SafetensorError, OSError, ValueError, TypeError, RuntimeError) as err:
         raise CheckpointError(f"'{path}': not a readable safetensors file ({err})") from None
     return tensors, metadata
+
+
+def _header(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape of a safetensors file, read from its header (no tensor data)."""
+    if not path.is_file():
+        raise CheckpointError(f"'{path}' not found")
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError, TypeError, RuntimeError) as err:
+        raise CheckpointError(f"'{path}': not a readable safetensors file ({err})") from None
+
+
+def _check_finite(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Refuse weights holding NaN or infinite values (naming the first such tensor)."""
+    for name, t in tensors.items():
+        if t.is_floating_point() or t.is_complex():
+            finite = torch.isfinite(t)
+            if not bool(finite.all()):
+                nan = int(torch.isnan(t).sum())
+                inf = int((~finite).sum()) - nan
+                raise CheckpointError(
+                    f"'{path}': tensor '{name}' holds {nan} NaN and {inf} infinite values "
+                    f"(of {t.numel()}): expected finite weights"
+                )
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -73,31 +110,91 @@ def weights_metadata(run_dir: str | Path) -> dict[str, Any]:
     """The metadata saved with a run's weights, e.g. {'format': ..., 'epoch': 3, 'step': 105}."""
     path = Path(run_dir) / "model.safetensors"
     _, metadata = _read_safetensors(path)
-    return {k: v if k == "format" else json.loads(v) for k, v in metadata.items()}
+    try:
+        return {k: v if k == "format" else json.loads(v) for k, v in metadata.items()}
+    except (json.JSONDecodeError, RecursionError):
+        raise CheckpointError(f"'{path}': its metadata is not valid JSON") from None
+
+
+def model_info(run_dir: str | Path) -> tuple[ModelConfig, tuple[int, int, int]]:
+    """The model config and image shape (C, H, W) in a run's ``config.json``, checked: a
+    CheckpointError naming the file and the entry for anything else."""
+    path = Path(run_dir) / "config.json"
+    info = _read_json(path)
+    if not isinstance(info, dict) or info.get("format") != FORMAT:
+        raise CheckpointError(f"'{path}': expected format '{FORMAT}'")
+    for key in ("model", "shape"):
+        if key not in info:
+            raise CheckpointError(f"'{path}': no '{key}' entry")
+    if not isinstance(info["model"], dict):
+        raise CheckpointError(
+            f"'{path}': 'model' expected a mapping of model keys, got {_short(info['model'])}"
+        )
+    shape = info["shape"]
+    if not (
+        isinstance(shape, list)
+        and len(shape) == 3
+        and all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape)
+        and shape[0] in (1, 3)
+    ):
+        raise CheckpointError(
+            f"'{path}': 'shape' expected [channels, height, width], 3 positive integers with "
+            f"channels 1 or 3, got {_short(shape)}"
+        )
+    try:
+        model_cfg = from_dict({"model": dict(info["model"])}).model
+    except ConfigError as err:
+        raise CheckpointError(f"'{path}': {err}") from None
+    return model_cfg, (shape[0], shape[1], shape[2])
 
 
 def load(run_dir: str | Path, device: str | torch.device = "cpu") -> GenerativeModel:
     """The trained model of a run, in eval mode, ready to ``encode``, ``decode``, ``sample``.
 
-    Reads only JSON and safetensors: loading an untrusted run cannot execute code.
+    Reads only JSON and safetensors: loading an untrusted run cannot execute code. Nothing is
+    allocated before the files agree: the model's size is checked against the memory (on the
+    meta device), and its tensors' names and shapes against the weights file's header; weights
+    holding NaN or infinite values are refused.
     """
     run_dir = Path(run_dir)
-    info = _read_json(run_dir / "config.json")
-    if not isinstance(info, dict) or info.get("format") != FORMAT:
-        raise CheckpointError(f"'{run_dir / 'config.json'}': expected format '{FORMAT}'")
+    model_cfg, shape = model_info(run_dir)
+    weights = run_dir / "model.safetensors"
     try:
-        model_cfg = from_dict({"model": info["model"]}).model
-        shape = tuple(int(s) for s in info["shape"])
-    except (ConfigError, KeyError, TypeError, ValueError) as err:
+        models.check_size(model_cfg, shape, training=False, device=device)
+    except ConfigError as err:
         raise CheckpointError(f"'{run_dir / 'config.json'}': {err}") from None
-    model = models.build(model_cfg, shape)  # type: ignore[arg-type]
-    if not (run_dir / "model.safetensors").is_file():
-        raise CheckpointError(
-            f"'{run_dir / 'model.safetensors'}' not found: the run has not finished an epoch yet"
-        )
-    tensors, _ = _read_safetensors(run_dir / "model.safetensors")
-    _load_into(model, tensors, run_dir / "model.safetensors")
+    if not weights.is_file():
+        raise CheckpointError(f"'{weights}' not found: the run has not finished an epoch yet")
+    expected = {
+        k: tuple(v.shape) for k, v in models.build_meta(model_cfg, shape).state_dict().items()
+    }
+    _check_names_and_shapes(expected, _header(weights), weights)
+    tensors, _ = _read_safetensors(weights)
+    _check_finite(tensors, weights)
+    model = models.build(model_cfg, shape)
+    _load_into(model, tensors, weights)
     return model.to(device).eval()
+
+
+def _check_names_and_shapes(
+    expected: dict[str, tuple[int, ...]],
+    found: dict[str, tuple[int, ...]],
+    path: Path,
+    model: str = "the model of config.json",
+) -> None:
+    """The tensors of a file (``found``: name -> shape) against a model's (``expected``)."""
+    if set(found) != set(expected):
+        missing = sorted(set(expected) - set(found))[:3]
+        extra = sorted(set(found) - set(expected))[:3]
+        raise CheckpointError(
+            f"'{path}': tensors do not match {model} (missing {missing}, unexpected {extra})"
+        )
+    for name, shape in expected.items():
+        if found[name] != shape:
+            raise CheckpointError(
+                f"'{path}': tensor '{name}' has shape {list(found[name])}, {model} expects "
+                f"{list(shape)}"
+            )
 
 
 def _load_into(module: torch.nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -151,27 +248,54 @@ def save_train_state(
 def load_train_state(
     run_dir: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
 ) -> dict[str, Any]:
-    """Restore what ``save_train_state`` wrote (RNG included); return the counters."""
+    """Restore what ``save_train_state`` wrote (RNG included); return the counters.
+
+    Everything in the file is checked before anything is restored: a file whose entries are
+    missing, of the wrong type or shape, or not finite is a CheckpointError naming the file and
+    the entry.
+    """
     path = Path(run_dir) / STATE_FILE
     tensors, meta = _read_safetensors(path)
-    try:
-        counters = json.loads(meta["counters"])
-        param_groups = json.loads(meta["param_groups"])
-        opt_scalars = json.loads(meta["optim_scalars"])
-    except (KeyError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"'{path}': metadata is incomplete ({err})") from None
-    _load_into(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, path)
-    state: dict[int, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        if key.startswith("optim."):
-            _, idx, name = key.split(".", 2)
-            state.setdefault(int(idx), {})[name] = value
-    for idx, entry in opt_scalars.items():
-        state.setdefault(int(idx), {}).update(entry)
+
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"'{path}': {what}")
+
+    entries = {}
+    for key in ("counters", "param_groups", "optim_scalars"):
+        if key not in meta:
+            raise bad(f"metadata has no '{key}' (the file is incomplete)")
+        try:
+            entries[key] = json.loads(meta[key])
+        except (json.JSONDecodeError, RecursionError):
+            raise bad(f"metadata '{key}' is not valid JSON") from None
+    counters = _check_counters(entries["counters"], bad)
+    _check_finite(tensors, path)
+    model_tensors = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+    _check_names_and_shapes(
+        {f"model.{k}": tuple(v.shape) for k, v in model.state_dict().items()},
+        {f"model.{k}": tuple(v.shape) for k, v in model_tensors.items()},
+        path,
+        "the run's model",
+    )
+    state = _optimizer_state(tensors, entries["optim_scalars"], bad)
+    param_groups = _check_param_groups(entries["param_groups"], optimizer, state, bad)
+    rng = tensors.get("rng.torch")
+    if rng is None:
+        raise bad("no tensor 'rng.torch' (the random generator's state)")
+    if rng.dtype != torch.uint8 or rng.dim() != 1 or rng.shape != torch.get_rng_state().shape:
+        raise bad(
+            f"tensor 'rng.torch' is {rng.dtype} {list(rng.shape)}, expected torch.uint8 "
+            f"{list(torch.get_rng_state().shape)}"
+        )
+    cuda_state = tensors.get("rng.cuda", tensors.get("rng.cuda.0"))  # rng.cuda.0: older runs
+    if cuda_state is not None and (cuda_state.dtype != torch.uint8 or cuda_state.dim() != 1):
+        raise bad(f"tensor 'rng.cuda' is {cuda_state.dtype} {list(cuda_state.shape)}")
+
+    _load_into(model, model_tensors, path)
     try:
         optimizer.load_state_dict({"state": state, "param_groups": param_groups})
-    except (ValueError, KeyError) as err:
-        raise CheckpointError(f"'{path}': optimizer state does not match ({err})") from None
+    except (ValueError, KeyError, TypeError) as err:
+        raise bad(f"optimizer state does not match ({err})") from None
     # Saved tensors are contiguous; a parameter may be channels-last. Give each moment its
     # parameter's memory layout: fused and foreach optimizer kernels walk them in memory order.
     for group in optimizer.param_groups:
@@ -179,11 +303,123 @@ def load_train_state(
             for name, value in optimizer.state.get(p, {}).items():
                 if isinstance(value, torch.Tensor) and value.shape == p.shape:
                     optimizer.state[p][name] = torch.empty_like(p, dtype=value.dtype).copy_(value)
-    torch.set_rng_state(tensors["rng.torch"])
-    cuda_state = tensors.get("rng.cuda", tensors.get("rng.cuda.0"))  # rng.cuda.0: older runs
-    if cuda_state is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(cuda_state)  # the current device's generator
+    try:
+        torch.set_rng_state(rng)
+        if cuda_state is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(cuda_state)  # the current device's generator
+    except (RuntimeError, ValueError, TypeError) as err:
+        raise bad(f"the random generator's state cannot be restored ({err})") from None
     return counters
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# What a GradScaler's state_dict holds (an fp16 run saves it with the counters).
+_SCALER_KEYS = ("scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker")
+
+
+def _check_counters(counters: Any, bad: Any) -> dict[str, Any]:
+    if not isinstance(counters, dict):
+        raise bad(f"metadata 'counters' expected a mapping, got {_short(counters)}")
+    for key in ("epoch", "step"):
+        if not _is_int(counters.get(key)) or counters[key] < 0:
+            raise bad(f"counter '{key}' expected an integer >= 0, got {_short(counters.get(key))}")
+    if "seconds" in counters and not (_is_number(counters["seconds"]) and counters["seconds"] >= 0):
+        raise bad(f"counter 'seconds' expected a number >= 0, got {_short(counters['seconds'])}")
+    scaler = counters.get("grad_scaler")
+    if scaler is not None and not (
+        isinstance(scaler, dict)
+        and all(_is_number(scaler.get(k)) for k in _SCALER_KEYS)
+        and scaler["scale"] > 0
+    ):
+        raise bad(
+            f"counter 'grad_scaler' expected a mapping of {', '.join(_SCALER_KEYS)}, "
+            f"got {_short(scaler)}"
+        )
+    return counters
+
+
+def _optimizer_state(
+    tensors: dict[str, torch.Tensor], scalars: Any, bad: Any
+) -> dict[int, dict[str, Any]]:
+    """Per-parameter optimizer state from the tensors optim.<index>.<name> and the scalars."""
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, idx, name = [*key.split(".", 2), "", ""][:3]
+            if not idx.isdigit() or not name:
+                raise bad(f"tensor '{key}': expected optim.<parameter index>.<name>")
+            state.setdefault(int(idx), {})[name] = value
+    if not isinstance(scalars, dict) or not all(
+        isinstance(k, str) and k.isdigit() and isinstance(v, dict) for k, v in scalars.items()
+    ):
+        raise bad(
+            f"metadata 'optim_scalars' expected {{index: {{name: value}}}}, got {_short(scalars)}"
+        )
+    for idx, entry in scalars.items():
+        state.setdefault(int(idx), {}).update(entry)
+    return state
+
+
+def _check_param_groups(
+    groups: Any, optimizer: torch.optim.Optimizer, state: dict[int, dict[str, Any]], bad: Any
+) -> list[dict[str, Any]]:
+    """The saved parameter groups against the optimizer's: as many groups, each with as many
+    parameters and settings of the same kinds; every state entry belongs to a parameter and
+    has its shape."""
+    current = optimizer.param_groups
+    if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+        raise bad(f"metadata 'param_groups' expected a list of mappings, got {_short(groups)}")
+    if len(groups) != len(current):
+        raise bad(f"metadata 'param_groups' has {len(groups)} groups, the optimizer {len(current)}")
+    params: dict[int, torch.Tensor] = {}
+    for n, (saved, now) in enumerate(zip(groups, current, strict=True)):
+        ids = saved.get("params")
+        if not isinstance(ids, list) or not all(_is_int(i) for i in ids):
+            raise bad(f"param_groups[{n}]['params'] expected a list of integers, got {_short(ids)}")
+        if len(ids) != len(now["params"]):
+            raise bad(
+                f"param_groups[{n}] has {len(ids)} parameters, the model {len(now['params'])}"
+            )
+        params.update(zip(ids, now["params"], strict=True))
+        for key, value in saved.items():
+            if key == "params" or key not in now:
+                continue
+            expect = now[key]
+            if isinstance(expect, bool) or expect is None:
+                ok = value is None or isinstance(value, bool)
+            elif isinstance(expect, int | float):
+                ok = _is_number(value) and value >= 0
+            elif isinstance(expect, tuple | list):
+                ok = (
+                    isinstance(value, list)
+                    and len(value) == len(expect)
+                    and all(_is_number(v) for v in value)
+                )
+            else:
+                ok = True
+            if not ok:
+                raise bad(
+                    f"param_groups[{n}]['{key}'] expected a value like {expect!r}, "
+                    f"got {_short(value)}"
+                )
+    for idx, entry in state.items():
+        if idx not in params:
+            raise bad(f"optimizer state for parameter {idx}, which no param_groups entry lists")
+        shape = params[idx].shape
+        for name, value in entry.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != shape:
+                raise bad(
+                    f"tensor 'optim.{idx}.{name}' has shape {list(value.shape)}, its parameter "
+                    f"{list(shape)}"
+                )
+    return groups
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -191,11 +427,24 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return []
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"'{path}': cannot read it as UTF-8 text ({err})") from None
     rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
+                row = json.loads(line)
+            except (json.JSONDecodeError, RecursionError):
                 raise CheckpointError(f"'{path}' line {n}: not valid JSON") from None
+            if not (
+                isinstance(row, dict)
+                and isinstance(row.get("split"), str)
+                and _is_int(row.get("epoch"))
+            ):
+                raise CheckpointError(
+                    f"'{path}' line {n}: expected a mapping with 'split' and an integer 'epoch'"
+                )
+            rows.append(row)
     return rows

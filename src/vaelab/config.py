@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,6 +84,12 @@ class ModelConfig:
         require(0 < self.sigma2 < math.inf, "model.sigma2", "a finite number > 0")
         require(self.mc_samples >= 1, "model.mc_samples", "an integer >= 1")
         require(0 <= self.free_bits < math.inf, "model.free_bits", "a finite number >= 0")
+        if self.likelihood == "bernoulli":
+            unused(self, "sigma2", "a Bernoulli decoder has no variance")
+
+    def default(self, key: str) -> Any:
+        """The default of field ``key`` in this model's config class."""
+        return type(self).__dataclass_fields__[key].default
 
 
 @dataclass(frozen=True)
@@ -148,6 +155,21 @@ def require(ok: bool, key: str, expected: str) -> None:
         raise ConfigError(f"config key '{key}': expected {expected}")
 
 
+def unused(cfg: ModelConfig, key: str, why: str) -> None:
+    """Refuse a model key that ``cfg``'s model would ignore. A value equal to the key's default
+    counts as unset (a config cannot tell "left alone" from "set to the default")."""
+    value, default = getattr(cfg, key), cfg.default(key)
+    if value != default:
+        raise ConfigError(
+            f"config key 'model.{key}': model '{cfg.name}' does not use it ({why}); expected "
+            f"it unset (default {_show(default)}), got {_show(value)}"
+        )
+
+
+def _show(value: Any) -> str:
+    return repr(list(value)) if isinstance(value, tuple) else repr(value)
+
+
 def to_dict(obj: Any) -> Any:
     """A plain dict/list form of a config (tuples become lists), for YAML and JSON."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
@@ -197,6 +219,9 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         return float(value)
     if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
         return value
+    if tp is str and isinstance(value, int | float | bool):
+        # YAML reads 0123 as the octal number 83, and no as false
+        raise ConfigError(f"{bad}; text that looks like a number or a yes/no goes in quotes")
     raise bad
 
 
@@ -278,17 +303,106 @@ def from_dict(tree: dict[str, Any]) -> RunConfig:
     return RunConfig(**sections)
 
 
+# -- reading YAML ------------------------------------------------------------------------------
+# YAML 1.1 (PyYAML's resolver) reads 1e-3 as text, since its floats need a dot; the command line
+# and YAML 1.2 read it as a number. Floats here: YAML 1.1's forms, plus an exponent without a dot
+# or without a sign (1e-3, 1E5), and a leading dot with a sign (-.5).
+_FLOAT = re.compile(
+    r"""^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
+    |[-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""",
+    re.X,
+)
+_FLOAT_TAG = "tag:yaml.org,2002:float"
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's floats (``1e-3`` is a number), and duplicate keys
+    refused (naming the key and both lines) instead of the last one silently winning."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        _check_duplicates(node, "")
+        return super().construct_document(node)
+
+
+ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _FLOAT_TAG]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+ConfigLoader.add_implicit_resolver(_FLOAT_TAG, _FLOAT, list("-+0123456789."))
+
+
+def _check_duplicates(node: yaml.Node, where: str, seen_nodes: set[int] | None = None) -> None:
+    seen_nodes = set() if seen_nodes is None else seen_nodes
+    if id(node) in seen_nodes:  # an alias of a node already checked
+        return
+    seen_nodes.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        lines: dict[tuple[str, str], int] = {}
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.tag != _MERGE_TAG:
+                dotted = f"{where}.{key.value}" if where else str(key.value)
+                line = key.start_mark.line + 1
+                if (key.tag, key.value) in lines:
+                    raise ConfigError(
+                        f"duplicate key '{dotted}' on lines {lines[key.tag, key.value]} and "
+                        f"{line}: expected each key once"
+                    )
+                lines[key.tag, key.value] = line
+                _check_duplicates(value, dotted, seen_nodes)
+            else:
+                _check_duplicates(value, where, seen_nodes)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _check_duplicates(item, where, seen_nodes)
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error in one line: what is wrong, and where."""
+    if isinstance(err, yaml.MarkedYAMLError):
+        what = " ".join(p for p in (err.context, err.problem) if p) or "not valid YAML"
+        mark = err.problem_mark or err.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        return f"{where}not valid YAML ({what})"
+    return "not valid YAML (" + " ".join(str(err).split()) + ")"
+
+
+def read_yaml(path: Path) -> Any:
+    """The YAML document in the file ``path``, read with ``ConfigLoader``; a ConfigError naming
+    the file for a file that is missing, a folder, unreadable, not UTF-8 text or not YAML."""
+    if path.is_dir():
+        raise ConfigError(f"config file '{path}' is a folder: expected a YAML file")
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' not found")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"config file '{path}': not UTF-8 text (byte {err.object[err.start]:#04x} at "
+            f"position {err.start}): expected a YAML file"
+        ) from None
+    except OSError as err:
+        raise ConfigError(f"config file '{path}': cannot read it ({err.strerror or err})") from None
+    try:
+        return yaml.load(text, Loader=ConfigLoader)  # a SafeLoader: builds plain data only
+    except ConfigError as err:
+        raise ConfigError(f"config file '{path}': {err}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file '{path}' {_yaml_problem(err)}") from None
+    except RecursionError:
+        raise ConfigError(f"config file '{path}': nested too deeply") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Defaults, then the YAML file at ``path`` (if any), then ``key=value`` overrides."""
     tree: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file '{path}' not found")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file '{path}': not valid YAML ({err})") from None
+        loaded = read_yaml(path)
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file '{path}': expected a mapping of sections")
         tree = dict(loaded or {})

@@ -17,22 +17,26 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from vaelab import data
+from vaelab import data, rundir
+from vaelab import progress as progress_bars
 from vaelab.checkpoint import atomic_write, load
-from vaelab.config import load_config
+from vaelab.config import ConfigError, load_config
 from vaelab.data import ImageDataset
 from vaelab.models.base import GenerativeModel
 from vaelab.rng import seeded
+
+log = logging.getLogger(__name__)
 
 EVAL_SEED = 0
 ACTIVE_THRESHOLD = 0.01
@@ -70,13 +74,26 @@ def diversity_ratio(
     return mean_pairwise_distance(samples) / mean_pairwise_distance(real)
 
 
+def check_iw_samples(k: Any) -> int:
+    """K for the importance sampler: an integer >= 1 (a ConfigError naming --iw-samples)."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ConfigError(f"--iw-samples: expected an integer >= 1, got {k!r}")
+    return k
+
+
 @torch.no_grad()
-def importance_log_likelihood(model: GenerativeModel, x: Tensor, k: int) -> Tensor:
-    """log p(x) estimated with k importance samples, (B,), in chunks of bounded memory."""
+def importance_log_likelihood(
+    model: GenerativeModel, x: Tensor, k: int, on_chunk: Callable[[int], object] | None = None
+) -> Tensor:
+    """log p(x) estimated with k importance samples, (B,), in chunks of bounded memory;
+    ``on_chunk(n)`` after each chunk, with n its images x samples (for a progress bar)."""
     chunk = max(1, min(k, MAX_ELEMENTS // (x.shape[0] * model.num_dims)))
     parts = []
     for start in range(0, k, chunk):
-        parts.append(torch.logsumexp(model.log_weights(x, min(chunk, k - start)), dim=0))
+        size = min(chunk, k - start)
+        parts.append(torch.logsumexp(model.log_weights(x, size), dim=0))
+        if on_chunk is not None:
+            on_chunk(size * x.shape[0])
     return torch.logsumexp(torch.stack(parts), dim=0) - math.log(k)
 
 
@@ -89,9 +106,13 @@ def evaluate_model(
     seed: int = EVAL_SEED,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """The metrics of ``model`` on ``dataset`` (see the module docstring)."""
-    if iw_samples < 1:
-        raise ValueError(f"iw_samples: expected an integer >= 1, got {iw_samples}")
+    """The metrics of ``model`` on ``dataset`` (see the module docstring).
+
+    The progress bar (on a terminal) counts importance samples, images x K, so it shows the
+    rate and the time left even when one batch takes minutes; elsewhere one line says what is
+    to be computed.
+    """
+    check_iw_samples(iw_samples)
     start = time.perf_counter()
     model.eval()
     device = next(model.parameters()).device
@@ -102,14 +123,21 @@ def evaluate_model(
         totals[name] = totals.get(name, 0.0) + t.double().sum().item()
 
     n = len(dataset)
-    bar = tqdm(total=n, unit="img", desc="evaluating", disable=not progress, leave=False)
+    if progress and not progress_bars.interactive():
+        log.info(
+            f"evaluating {n} images with K = {iw_samples} importance samples each "
+            f"({n * iw_samples:,} samples)"
+        )
+    bar = progress_bars.bar(
+        n * iw_samples, "evaluating", progress, unit="sample", unit_scale=True, leave=False
+    )
     with seeded(seed):
         for i in range(0, n, batch_size):
             x = dataset.batch(slice(i, i + batch_size), device)
             out = model(x)
             add("elbo_nats", out.elbo)
             add("recon", out.recon)
-            add("log_px", importance_log_likelihood(model, x, iw_samples))
+            add("log_px", importance_log_likelihood(model, x, iw_samples, bar.update))
             if model.has_encoder:
                 q = model.encode(x)
                 kl_dims.append(q.kl_per_dim().double().sum(0).cpu())
@@ -118,7 +146,6 @@ def evaluate_model(
                 add("mse", mse)
                 add("psnr", -10.0 * torch.log10(mse.clamp_min(1e-10)))
                 add("kl", out.kl)
-            bar.update(len(x))
     bar.close()
     elbo, log_px = totals["elbo_nats"] / n, totals["log_px"] / n
     result: dict[str, Any] = {
@@ -193,15 +220,24 @@ def evaluate(
     progress: bool = True,
     splits: data.Splits | None = None,
 ) -> dict[str, Any]:
-    """Evaluate a run's model on its data's ``split`` (val or test); write RUN/eval/<split>.json."""
+    """Evaluate a run's model on its data's ``split`` (val or test); write RUN/eval/<split>.json.
+
+    What cannot work is refused before any work: K below 1, another split, a run whose eval
+    folder cannot be written (a read-only run)."""
     run_dir = Path(run_dir)
+    check_iw_samples(iw_samples)
+    if split not in ("val", "test"):
+        raise data.DataError(f"split '{split}': expected val or test")
+    out = run_dir / rundir.EVAL / f"{split}.json"
+    if run_dir.is_dir():
+        rundir.check_writable(out.parent)
+        if out.is_dir():
+            raise rundir.RunDirError(f"cannot write '{out}': it is a folder")
     model = load(run_dir)
     cfg = load_config(run_dir / "config.yaml")
     if splits is None:
         splits = data.build(cfg.data, progress=progress)
     dataset = {"val": splits.val, "test": splits.test}.get(split)
-    if split not in ("val", "test"):
-        raise data.DataError(f"split '{split}': expected val or test")
     if dataset is None:
         raise data.DataError(f"split '{split}': this data source has no {split} split")
     result = {"split": split, **evaluate_model(model, dataset, iw_samples, progress=progress)}
@@ -209,7 +245,7 @@ def evaluate(
         start = time.perf_counter()
         result.update(disentanglement_metrics(model, dataset, cfg.data.name))
         result["disentanglement_seconds"] = round(time.perf_counter() - start, 3)
-    atomic_write(run_dir / "eval" / f"{split}.json", json.dumps(result, indent=2) + "\n")
+    atomic_write(out, json.dumps(result, indent=2) + "\n")
     return result
 
 
@@ -229,12 +265,32 @@ def posterior_means(
     return torch.cat(out).numpy().astype(np.float32)
 
 
-def encode(run_dir: str | Path, out: str | Path, dataset: ImageDataset) -> Path:
-    """Write the posterior means of ``dataset`` under a run's model to ``out`` (.npy)."""
+def encode(
+    run_dir: str | Path,
+    out: str | Path,
+    dataset: ImageDataset | None = None,
+    *,
+    split: str = "val",
+    overrides: list[str] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write the posterior means of ``dataset`` under a run's model to ``out`` (.npy); without
+    a dataset, of the run's ``split`` (``overrides``: data.* keys, as for ``run_split``).
+
+    ``out`` is checked first (``rundir.check_output``): never one of a run's own files, nor an
+    existing file vaelab did not write unless ``overwrite``."""
+    out = rundir.check_output(out, overwrite=overwrite)
+    model = load(run_dir)
+    if not model.has_encoder:
+        raise ConfigError(f"model '{model.cfg.name}' has no encoder: there is nothing to encode")
+    if dataset is None:
+        from vaelab.report.draw import run_split
+
+        dataset = run_split(run_dir, split, overrides)
     buf = io.BytesIO()
-    np.save(buf, posterior_means(load(run_dir), dataset))
+    np.save(buf, posterior_means(model, dataset))
     atomic_write(out, buf.getvalue())
-    return Path(out)
+    return out
 
 
 def format_table(result: dict[str, Any]) -> str:

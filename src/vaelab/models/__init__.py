@@ -6,10 +6,14 @@ file that subclasses a model, overrides a hook, and calls ``register``.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
-from vaelab.config import MODEL_CONFIGS, ModelConfig
+import torch
+
+from vaelab.config import MODEL_CONFIGS, ConfigError, ModelConfig
 from vaelab.models.base import DiagonalGaussian, GenerativeModel, ModelOutput
 
 MODELS: dict[str, type[GenerativeModel]] = {}
@@ -35,6 +39,86 @@ def build(cfg: ModelConfig, shape: tuple[int, int, int]) -> GenerativeModel:
     return MODELS[cfg.name](cfg, shape)
 
 
+# Bytes per parameter: fp32 weights; training adds their gradients and Adam's two moments.
+PARAM_BYTES = 4
+TRAINING_COPIES = 4
+
+
+def build_meta(cfg: ModelConfig, shape: tuple[int, int, int]) -> GenerativeModel:
+    """The model of ``cfg`` built on the meta device: its parameters' names and shapes, and no
+    memory. A ConfigError naming the keys if even that fails (sizes past what torch can index)."""
+    try:
+        with torch.device("meta"):
+            return build(cfg, shape)
+    except (RuntimeError, ValueError, OverflowError) as err:
+        raise ConfigError(
+            f"{_keys(cfg, shape)}: cannot build this model "
+            f"({str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__})"
+        ) from None
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this process could still get: MemAvailable of /proc/meminfo where there
+    is one, else the machine's physical memory; None where neither can be read."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _keys(cfg: ModelConfig, shape: tuple[int, ...]) -> str:
+    size = "x".join(str(s) for s in shape)
+    return (
+        f"model.widths={list(cfg.widths)}, model.latent_dim={cfg.latent_dim} for {size} images "
+        "(data.channels x data.size x data.size)"
+    )
+
+
+def check_size(
+    cfg: ModelConfig,
+    shape: tuple[int, int, int],
+    training: bool = False,
+    device: str | torch.device = "cpu",
+    *,
+    bytes_per_value: int = PARAM_BYTES,
+) -> int:
+    """Refuse, before any memory is allocated, a model too large for this machine: its
+    parameters (counted on the meta device), ``bytes_per_value`` each (4: fp32; 8 for
+    train.precision=fp64), four copies when ``training`` (weights, gradients, Adam's two
+    moments), against the memory available (a CUDA device's free memory for ``device`` on
+    CUDA). Returns the number of parameters. A ConfigError names model.widths,
+    model.latent_dim and data.size, with the GB needed and available."""
+    model = build_meta(cfg, shape)
+    params = sum(p.numel() for p in model.parameters())
+    buffers = sum(b.numel() for b in model.buffers())
+    need = bytes_per_value * (params * (TRAINING_COPIES if training else 1) + buffers)
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        have: int | None = torch.cuda.mem_get_info(device)[0]
+        where = f"free on {device}"
+    else:
+        have, where = available_memory(), "of memory available"
+    if have is not None and need > have:
+        kind = f"{8 * bytes_per_value}-bit values"
+        what = (
+            f"to train (weights, gradients and Adam's two moments, {kind})"
+            if training
+            else f"to hold ({kind})"
+        )
+        raise ConfigError(
+            f"{_keys(cfg, shape)}: {params:,} parameters, {need / 1e9:,.1f} GB {what}, more than "
+            f"the {have / 1e9:,.1f} GB {where}; expected smaller model.widths, model.latent_dim "
+            "or data.size"
+        )
+    return params
+
+
 # Importing the variants registers them.
 from vaelab.models import (  # noqa: E402, F401
     beta_vae,
@@ -45,4 +129,14 @@ from vaelab.models import (  # noqa: E402, F401
     vae,
 )
 
-__all__ = ["MODELS", "DiagonalGaussian", "GenerativeModel", "ModelOutput", "build", "register"]
+__all__ = [
+    "MODELS",
+    "DiagonalGaussian",
+    "GenerativeModel",
+    "ModelOutput",
+    "available_memory",
+    "build",
+    "build_meta",
+    "check_size",
+    "register",
+]

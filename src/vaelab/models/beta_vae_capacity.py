@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from vaelab.config import ModelConfig, require
+from vaelab.config import ModelConfig, require, unused
 from vaelab.models import register
 from vaelab.models.vae import VAE
 
@@ -32,7 +32,7 @@ class BetaVAECapacityConfig(ModelConfig):
         require(0 <= self.gamma < math.inf, "model.gamma", "a finite number >= 0")
         require(0 <= self.capacity_max < math.inf, "model.capacity_max", "a number >= 0")
         require(self.capacity_steps >= 1, "model.capacity_steps", "an integer >= 1")
-        require(self.free_bits == 0, "model.free_bits", "0 for beta_vae_capacity (C sets the KL)")
+        unused(self, "free_bits", "its capacity C sets the KL")
 
 
 def capacity(cfg: BetaVAECapacityConfig, step: int) -> float:

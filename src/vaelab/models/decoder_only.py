@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from vaelab import losses
-from vaelab.config import ModelConfig, require
+from vaelab.config import ModelConfig, require, unused
 from vaelab.models import register
 from vaelab.models.base import GenerativeModel, ModelOutput
 from vaelab.rng import batch_randn
@@ -30,6 +30,16 @@ class DecoderOnlyConfig(ModelConfig):
         require(
             self.objective in ("mse", "marginal"), "model.objective", "one of 'mse', 'marginal'"
         )
+        unused(self, "free_bits", "it has no encoder, so no KL term")
+        if self.objective == "mse":
+            # The squared error is the Gaussian's -log p(x|z) up to scale; with a Bernoulli
+            # decoder the "mse" loss would silently be the cross-entropy.
+            require(
+                self.likelihood == "gaussian",
+                "model.likelihood",
+                "gaussian for model 'decoder_only' with model.objective=mse (a squared error); for "
+                "bernoulli set model.objective=marginal",
+            )
 
 
 @register("decoder_only", DecoderOnlyConfig)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from vaelab import losses
-from vaelab.config import ModelConfig, require
+from vaelab.config import ModelConfig, require, unused
 from vaelab.models import register
 from vaelab.models.vae import VAE
 
@@ -29,6 +29,7 @@ class SigmaVAEConfig(ModelConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         require(self.likelihood == "gaussian", "model.likelihood", "gaussian for sigma_vae")
+        unused(self, "sigma2", "it sets the decoder variance from each batch's squared error")
         require(0 < self.min_sigma2 < math.inf, "model.min_sigma2", "a finite number > 0")
 
 

@@ -1,15 +1,22 @@
-"""Pictures of a run as PNG files: what `vaelab sample|reconstruct|interpolate|traverse` do."""
+"""Pictures of a run as PNG files: what `vaelab sample|reconstruct|interpolate|traverse` do.
+
+Each function checks its arguments and its output file first (``rundir.check_output``: never
+one of a run's own files, nor an existing file vaelab did not write unless ``overwrite``), then
+loads the model and the data.
+"""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
+from typing import Any
 
-from vaelab import data
+from vaelab import data, rundir
 from vaelab.checkpoint import load
-from vaelab.config import load_config
+from vaelab.config import ConfigError, load_config
 from vaelab.models.base import GenerativeModel
 from vaelab.report import pictures
-from vaelab.report.figures import save_grid
+from vaelab.report.figures import MAX_GRID_SIDE, grid_size, save_grid
 
 
 def run_split(
@@ -34,38 +41,103 @@ def _label(run: str | Path, model: GenerativeModel) -> str:
     return f"{Path(run).name} ({model.cfg.name})"
 
 
+def _count(option: str, value: Any) -> int:
+    """A count given on the command line: an integer >= 1 (a ConfigError naming the option)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{option}: expected an integer >= 1, got {value!r}")
+    return value
+
+
+def _positive(option: str, value: Any) -> float:
+    """A finite number > 0 given on the command line."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+        raise ConfigError(f"{option}: expected a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def _check_fits(
+    model: GenerativeModel, n: int, nrow: int, rows: str, cols: str, group: int = 0
+) -> None:
+    """Refuse, before drawing, a grid of n images that no PNG could hold (``rows`` and
+    ``cols`` name the options that set its height and width)."""
+    height, width = grid_size(n, nrow, model.shape[1:], group=group)
+    for side, option in ((height, rows), (width, cols)):
+        if side > MAX_GRID_SIDE:
+            raise ConfigError(
+                f"{option}: the grid would be {height}x{width} pixels of "
+                f"{model.shape[1]}x{model.shape[2]} images, expected at most {MAX_GRID_SIDE} a "
+                "side; ask for fewer images"
+            )
+
+
 def draw_samples(
-    run: str | Path, out: str | Path, n: int = 64, temperature: float = 1.0, seed: int = 0
+    run: str | Path,
+    out: str | Path,
+    n: int = 64,
+    temperature: float = 1.0,
+    seed: int = 0,
+    *,
+    overwrite: bool = False,
 ) -> Path:
+    _count("-n", n)
+    _positive("--temperature", temperature)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**64:
+        raise ConfigError(f"--seed: expected an integer from -2^63 to 2^64 - 1, got {seed!r}")
+    out = rundir.check_output(out, overwrite=overwrite)
     model = load(run)
+    _check_fits(model, n, 8, "-n", "-n")
     images = pictures.samples(model, n, temperature, seed)
     title = f"{_label(run, model)}: {n} samples, z ~ N(0, {temperature:g}^2 I)"
     save_grid(images, out, nrow=8, title=title)
-    return Path(out)
+    return out
 
 
-def draw_reconstructions(run: str | Path, out: str | Path, n: int = 32, split: str = "val") -> Path:
+def draw_reconstructions(
+    run: str | Path, out: str | Path, n: int = 32, split: str = "val", *, overwrite: bool = False
+) -> Path:
+    _count("-n", n)
+    out = rundir.check_output(out, overwrite=overwrite)
     model = load(run)
-    images, caption = pictures.reconstructions(model, run_split(run, split), n)
+    dataset = run_split(run, split)
+    _check_fits(model, 2 * min(n, len(dataset)), 8, "-n", "-n", group=2)
+    images, caption = pictures.reconstructions(model, dataset, n)
     save_grid(images, out, nrow=8, title=f"{_label(run, model)}: {caption}", group=2)
-    return Path(out)
+    return out
 
 
-def draw_interpolations(run: str | Path, out: str | Path, pairs: int = 6, steps: int = 10) -> Path:
+def draw_interpolations(
+    run: str | Path, out: str | Path, pairs: int = 6, steps: int = 10, *, overwrite: bool = False
+) -> Path:
+    _count("--pairs", pairs)
+    _count("--steps", steps)
+    out = rundir.check_output(out, overwrite=overwrite)
     model = load(run)
-    images = pictures.interpolations(model, run_split(run), pairs, steps)
+    val = run_split(run)
+    _check_fits(model, min(pairs, len(val) // 2) * steps, steps, "--pairs", "--steps")
+    images = pictures.interpolations(model, val, pairs, steps)
     title = f"{_label(run, model)}: latent interpolations between pairs of val images"
     save_grid(images, out, nrow=steps, title=title)
-    return Path(out)
+    return out
 
 
 def draw_traversal(
-    run: str | Path, out: str | Path, dims: int = 8, steps: int = 9, limit: float = 3.0
+    run: str | Path,
+    out: str | Path,
+    dims: int = 8,
+    steps: int = 9,
+    limit: float = 3.0,
+    *,
+    overwrite: bool = False,
 ) -> Path:
+    _count("--dims", dims)
+    _count("--steps", steps)
+    _positive("--limit", limit)
+    out = rundir.check_output(out, overwrite=overwrite)
     model = load(run)
+    _check_fits(model, min(dims, model.cfg.latent_dim) * steps, steps, "--dims", "--steps")
     val = run_split(run)
     chosen = pictures.active_dimensions(model, val, dims)
     images = pictures.traversal(model, val, chosen, steps, limit)
     title = f"{_label(run, model)}: rows = latent dims {chosen}, values {-limit:g}..{limit:g}"
     save_grid(images, out, nrow=steps, title=title)
-    return Path(out)
+    return out

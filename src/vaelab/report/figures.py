@@ -21,9 +21,17 @@ PANELS = (
 )
 
 
+# Grids larger than this many pixels a side are refused before drawing: the figure is about
+# 2.75 times larger (and matplotlib's limit is 2^16 pixels a side).
+MAX_GRID_SIDE = 5000
+# The PNG text chunk "Software: vaelab" (rundir.PNG_MARK), written before the image data: it
+# lets a rerun replace vaelab's own pictures while refusing to replace anyone else's.
+PNG_METADATA = {"Software": "vaelab"}
+
+
 def _png(fig: Figure) -> bytes:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight", metadata=PNG_METADATA)
     return buf.getvalue()
 
 
@@ -42,7 +50,11 @@ def curves_png(rows: Sequence[dict[str, Any]], title: str = "") -> bytes:
     for ax, (key, label) in zip(axes, PANELS, strict=True):
         shown = False
         for split, style in (("train", "o-"), ("val", "s--")):
-            pts = [(r["epoch"], r[key]) for r in rows if r["split"] == split and r[key] is not None]
+            pts = [
+                (r["epoch"], r[key])
+                for r in rows
+                if r["split"] == split and isinstance(r.get(key), int | float)
+            ]
             if pts:
                 ax.plot(*zip(*pts, strict=True), style, label=split, markersize=3)
                 shown = True
@@ -110,6 +122,15 @@ def image_grid(images: Tensor, nrow: int, pad: int = 2, group: int = 0) -> np.nd
         x = pad + col * (w + pad)
         grid[y : y + h, x : x + w] = img
     return grid
+
+
+def grid_size(
+    n: int, nrow: int, image: Sequence[int], pad: int = 2, group: int = 0
+) -> tuple[int, int]:
+    """(height, width) in pixels of the ``image_grid`` of n images of size ``image`` (H, W)."""
+    rows = math.ceil(n / nrow)
+    extra = 3 * pad * ((rows - 1) // group) if group else 0
+    return rows * (image[0] + pad) + pad + extra, nrow * (image[1] + pad) + pad
 
 
 def grid_png(images: Tensor, nrow: int = 8, title: str = "", group: int = 0) -> bytes:

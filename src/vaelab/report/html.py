@@ -14,9 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from vaelab import data
+from vaelab import data, rundir
 from vaelab.checkpoint import CheckpointError, atomic_write, load, read_metrics
 from vaelab.config import load_config
 from vaelab.report import pictures
@@ -115,10 +113,32 @@ def _section(title: str, cells: list[str], css: str = "") -> str:
     return f"<h2>{html.escape(title)}</h2>{grid}"
 
 
+def _read_eval(path: Path) -> dict[str, Any]:
+    """A run's eval/val.json ({} if it has none)."""
+    if not path.is_file():
+        return {}
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as err:
+        raise CheckpointError(f"'{path}': not readable JSON ({err})") from None
+    if not isinstance(result, dict):
+        raise CheckpointError(f"'{path}': expected a mapping of metrics")
+    return result
+
+
 def write_report(
-    runs: list[str | Path], out: str | Path, title: str = "vaelab report", extra_html: str = ""
+    runs: list[str | Path],
+    out: str | Path,
+    title: str = "vaelab report",
+    extra_html: str = "",
+    *,
+    overwrite: bool = False,
 ) -> Path:
-    """Write one self-contained HTML page comparing ``runs``; return its path."""
+    """Write one self-contained HTML page comparing ``runs``; return its path.
+
+    ``out`` is checked first (``rundir.check_output``): never one of a run's own files, nor an
+    existing file vaelab did not write unless ``overwrite``."""
+    out = rundir.check_output(out, overwrite=overwrite)
     runs = [Path(r) for r in runs]
     if not runs:
         raise ValueError("write_report needs at least one run directory")
@@ -128,9 +148,8 @@ def write_report(
     data_cache: dict[str, data.Splits] = {}
     for run, name in zip(runs, names, strict=True):
         cfg = load_config(run / "config.yaml")
-        configs.append(yaml.safe_load((run / "config.yaml").read_text()))
-        eval_path = run / "eval" / "val.json"
-        evals.append(json.loads(eval_path.read_text()) if eval_path.is_file() else {})
+        configs.append(cfg.to_dict())
+        evals.append(_read_eval(run / "eval" / "val.json"))
         key = json.dumps(configs[-1]["data"], sort_keys=True)
         if key not in data_cache:
             data_cache[key] = data.build(cfg.data, progress=False)
@@ -173,11 +192,10 @@ def write_report(
     ]
     page = (
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
-        f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>"
+        f"{rundir.HTML_MARK}<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>"
         + "\n".join(body)
         + "</body></html>\n"
     )
-    out = Path(out)
     atomic_write(out, page)
     return out
 
@@ -186,26 +204,60 @@ def is_sweep(folder: str | Path) -> bool:
     return (Path(folder) / SWEEP_FILE).is_file()
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _safe_name(name: Any) -> bool:
+    """A single folder name: no separators, not '.' or '..', not absolute, not empty."""
+    return (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and not any(c in name for c in "/\\\0")
+        and Path(name).name == name
+    )
+
+
 def sweep_runs(sweep_dir: str | Path) -> tuple[dict[str, Any], list[Path]]:
-    """A sweep folder's description (sweep.json, written by `vaelab sweep`) and its runs."""
+    """A sweep folder's description (sweep.json, written by `vaelab sweep`) and its runs.
+
+    The description is checked: its runs must be single folder names inside the sweep folder
+    (a tampered '../x' or '/etc' is refused), its axes and values mappings."""
     path = Path(sweep_dir) / SWEEP_FILE
     try:
-        info = json.loads(path.read_text())
-        runs = [Path(sweep_dir) / name for name in info["runs"]]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as err:
         raise CheckpointError(f"'{path}': not a readable sweep description ({err})") from None
-    return info, runs
+    if not isinstance(info, dict) or not isinstance(info.get("runs"), list):
+        raise CheckpointError(f"'{path}': expected a mapping with a list of 'runs'")
+    for name in info["runs"]:
+        if not _safe_name(name):
+            raise CheckpointError(
+                f"'{path}': run {str(name)[:80]!r} is not a folder name inside the sweep "
+                "folder (expected a name such as 'model.beta=4', without '/' or '..')"
+            )
+    if not isinstance(info.get("axes", {}), dict):
+        raise CheckpointError(f"'{path}': 'axes' expected a mapping of swept keys to values")
+    values = info.get("values", {})
+    if not isinstance(values, dict) or not all(isinstance(v, dict) for v in values.values()):
+        raise CheckpointError(f"'{path}': 'values' expected a mapping of run name to values")
+    return info, [Path(sweep_dir) / name for name in info["runs"]]
 
 
-def write_sweep_report(sweep_dir: str | Path, out: str | Path) -> Path:
-    """The report of a sweep's runs, with a rate-distortion figure of their last val epoch."""
+def write_sweep_report(sweep_dir: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
+    """The report of a sweep's runs, with a rate-distortion figure of their last val epoch.
+
+    ``out`` is checked first, as for ``write_report``."""
+    out = rundir.check_output(out, overwrite=overwrite)
     info, runs = sweep_runs(sweep_dir)
-    axes = list(info["axes"])
+    axes = list(info.get("axes", {}))
     points = []
     runs = [run for run in runs if (run / "model.safetensors").is_file()]  # finished an epoch
+    if not runs:
+        raise CheckpointError(f"'{sweep_dir}': no run of the sweep has finished an epoch yet")
     for run in runs:
         val = [r for r in read_metrics(run) if r["split"] == "val"]
-        if not val or val[-1]["kl"] is None:
+        if not val or not all(_number(val[-1].get(k)) for k in ("kl", "elbo_nats")):
             continue  # a model without a KL term
         swept = info.get("values", {}).get(run.name, {})
         label = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in swept.items()) or run.name
@@ -220,5 +272,5 @@ def write_sweep_report(sweep_dir: str | Path, out: str | Path) -> Path:
             '<p class="note">Each point is a run (last epoch, val). Dashed: iso-ELBO lines, '
             "distortion + rate = -ELBO. beta multiplies the KL (Higgins et al. 2017).</p>"
         )
-    title = f"vaelab sweep: {', '.join(f'{k} in {v}' for k, v in info['axes'].items())}"
-    return write_report(runs, out, title=title, extra_html=extra)
+    title = f"vaelab sweep: {', '.join(f'{k} in {v}' for k, v in info.get('axes', {}).items())}"
+    return write_report(runs, out, title=title, extra_html=extra, overwrite=overwrite)

@@ -65,6 +65,7 @@ def interpolations(
     """One row per pair of real images: decoded points on the line between their latents."""
     model.eval()
     with seeded(seed):
+        pairs = min(pairs, len(dataset) // 2)  # pairs of distinct images, as many as there are
         index = np.random.default_rng(seed).permutation(len(dataset))[: 2 * pairs]
         z = _latents(model, dataset, index).view(-1, 2, model.cfg.latent_dim)  # (P, 2, d)
     t = torch.linspace(0, 1, steps, device=z.device)[None, :, None]  # (1, S, 1)
