@@ -20,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import vaelab
+from tests.conftest import tiny_splits
 from tests.hostile.conftest import TINY
 from vaelab import evaluate as ev
 from vaelab import models, rundir
@@ -464,12 +465,17 @@ def _user_png(path: Path) -> bytes:
     return buf.getvalue()
 
 
+def _val(run: Path):
+    """A stand-in split for encode: a few random 8x8 grey images (encode reads its own run's)."""
+    return tiny_splits().val
+
+
 OUTPUT_WRITERS = {
     "sample": lambda run, out, **kw: draw.draw_samples(run, out, n=4, **kw),
     "reconstruct": lambda run, out, **kw: draw.draw_reconstructions(run, out, n=4, **kw),
     "interpolate": lambda run, out, **kw: draw.draw_interpolations(run, out, 2, 3, **kw),
     "traverse": lambda run, out, **kw: draw.draw_traversal(run, out, 2, 3, **kw),
-    "encode": lambda run, out, **kw: ev.encode(run, out, **kw),
+    "encode": lambda run, out, **kw: ev.encode(run, out, _val(run), **kw),
     "report": lambda run, out, **kw: html.write_report([run], out, **kw),
 }
 

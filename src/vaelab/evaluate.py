@@ -266,16 +266,9 @@ def posterior_means(
 
 
 def encode(
-    run_dir: str | Path,
-    out: str | Path,
-    dataset: ImageDataset | None = None,
-    *,
-    split: str = "val",
-    overrides: list[str] | None = None,
-    overwrite: bool = False,
+    run_dir: str | Path, out: str | Path, dataset: ImageDataset, *, overwrite: bool = False
 ) -> Path:
-    """Write the posterior means of ``dataset`` under a run's model to ``out`` (.npy); without
-    a dataset, of the run's ``split`` (``overrides``: data.* keys, as for ``run_split``).
+    """Write the posterior means of ``dataset`` under a run's model to ``out`` (.npy).
 
     ``out`` is checked first (``rundir.check_output``): never one of a run's own files, nor an
     existing file vaelab did not write unless ``overwrite``."""
@@ -283,10 +276,6 @@ def encode(
     model = load(run_dir)
     if not model.has_encoder:
         raise ConfigError(f"model '{model.cfg.name}' has no encoder: there is nothing to encode")
-    if dataset is None:
-        from vaelab.report.draw import run_split
-
-        dataset = run_split(run_dir, split, overrides)
     buf = io.BytesIO()
     np.save(buf, posterior_means(model, dataset))
     atomic_write(out, buf.getvalue())

@@ -207,6 +207,9 @@ def _session(cfg: RunConfig, splits: Splits | None) -> _Session:
             f"{len(splits.train)} training images; lower it (torchrun needs full batches)"
         )
     torch.manual_seed(tc.seed)  # the same on every rank: same weights, same noise
+    # Refused before anything is allocated: a model larger than the memory it would train in.
+    width = 8 if tc.precision == "fp64" else 4
+    models.check_size(cfg.model, splits.train.shape, True, device, bytes_per_value=width)
     model = models.build(cfg.model, splits.train.shape).to(device)
     if tc.fast_layers and device.type == "cpu":  # the fast paths are CPU ones
         speed_up(model)

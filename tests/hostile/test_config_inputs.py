@@ -80,10 +80,6 @@ def test_an_option_the_model_would_ignore_is_refused(tmp_path, digits_csv, overr
     assert_unchanged(before, tmp_path)
 
 
-@pytest.mark.skipif(
-    "check_size" not in (Path(__file__).parents[2] / "src/vaelab/train.py").read_text(),
-    reason="train.py does not call vaelab.models.check_size yet",
-)
 def test_a_model_too_large_for_the_memory_is_refused_before_training(tmp_path, digits_csv):
     before, result = _train(
         tmp_path, f"data.root={digits_csv}", *TINY, "model.widths=[200000,200000]"
