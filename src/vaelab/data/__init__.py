@@ -38,10 +38,30 @@ def build(cfg: DataConfig, progress: bool = True) -> Splits:
             f"config key 'data.name': unknown data source '{cfg.name}' (known: {known})"
         )
     splits = SOURCES[cfg.name](cfg, progress)
+    check_splits(splits, cfg)
     for part in (splits.train, splits.val, splits.test):
         if part is not None:
             part.binarize = cfg.binarize
     return splits
+
+
+def check_splits(splits: Splits, cfg: DataConfig) -> None:
+    """Training needs at least one train and one validation image, whatever the source."""
+    n_train, n_val = len(splits.train), len(splits.val)
+    if n_train >= 1 and n_val >= 1:
+        return
+    where = f"data.name={cfg.name}" + (f" (data.root={cfg.root})" if cfg.root else "")
+    total = n_train + n_val
+    if total < 2:
+        hint = "training needs at least 2 images (1 train, 1 val)"
+    elif n_train == 0:
+        hint = "lower data.val_fraction"
+    else:
+        hint = "raise data.val_fraction"
+    raise DataError(
+        f"data.val_fraction={cfg.val_fraction}: {where} gives {n_train} train and {n_val} val "
+        f"images of {total}; each split needs at least 1: {hint}"
+    )
 
 
 __all__ = [
@@ -51,6 +71,7 @@ __all__ = [
     "ImageDataset",
     "Splits",
     "build",
+    "check_splits",
     "random_hflip",
     "stratified_split",
 ]

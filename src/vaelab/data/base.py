@@ -8,6 +8,7 @@ view of rows of such an array, so train/val/test splits share one array and noth
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -177,19 +178,68 @@ def stratified_split(
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
 
 
-def resize_array(images: np.ndarray, size: int, channels: int) -> np.ndarray:
+def format_bytes(n: int) -> str:
+    """A byte count for a message: '2.4 GB', '310 MB'."""
+    return f"{n / 1e9:,.1f} GB" if n >= 1e8 else f"{n / 1e6:,.1f} MB"
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (MemAvailable in /proc/meminfo where
+    present, else the machine's physical memory); None where neither can be read."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError, UnicodeDecodeError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_memory(need: int, size: int, what: str) -> None:
+    """Refuse, before allocating, ``need`` bytes of images (``what``, at data.size ``size``)
+    that memory cannot hold."""
+    free = available_memory()
+    if free is not None and need > free:
+        raise DataError(
+            f"data.size={size}: {what} would need {format_bytes(need)} of memory, but only "
+            f"{format_bytes(free)} are available; choose a smaller data.size"
+        )
+
+
+def resize_array(
+    images: np.ndarray, size: int, channels: int, name: str = "the images"
+) -> np.ndarray:
     """Resize (N, H, W, C) uint8 to (N, size, size, channels), antialiased; for small in-memory
-    sources whose native size differs from data.size (a one-off, not a training-time step)."""
+    sources whose native size differs from data.size (a one-off, not a training-time step).
+
+    Rectangular images are centre-cropped to the square of their short side first (as image
+    files are), never squashed; ``name`` (the source file) is named in the line saying so.
+    """
     from PIL import Image
 
     n, h, w, c = images.shape
+    need = n * size * size * max(c, channels)
+    if c != channels:
+        need += n * size * size * min(c, channels)  # the resized array, then its conversion
+    check_memory(need, size, f"{n:,} images of {size}x{size}x{channels}")
+    if h != w:
+        side = min(h, w)
+        top, left = (h - side) // 2, (w - side) // 2
+        images = images[:, top : top + side, left : left + side]  # a view: nothing copied
+        log.info(f"{name}: {w}x{h} images, centre-cropped to {side}x{side} before resizing")
+        h = w = side
+        if side == size:
+            images = np.ascontiguousarray(images)
     if (h, w) != (size, size):
         out = np.empty((n, size, size, c), np.uint8)
         for i, img in enumerate(images):
-            pil = Image.fromarray(img[..., 0] if c == 1 else img)
-            out[i] = np.asarray(pil.resize((size, size), Image.Resampling.LANCZOS)).reshape(
-                size, size, c
-            )
+            pil = Image.fromarray(np.ascontiguousarray(img[..., 0] if c == 1 else img))
+            resized = pil.resize((size, size), Image.Resampling.LANCZOS)
+            out[i] = np.asarray(resized).reshape(size, size, c)
         images = out
     if channels == 3 and c == 1:
         images = np.repeat(images, 3, axis=3)

@@ -33,7 +33,7 @@ def mnist5k_path() -> Path:
 def read_mnist5k(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """(images (N, 28, 28, 1) uint8, labels (N,) int64) from the CSV."""
     try:
-        table = np.loadtxt(path, delimiter=",", dtype=np.int64)
+        table = np.loadtxt(path, delimiter=",", dtype=np.int64, ndmin=2)
     except (OSError, ValueError) as err:
         raise DataError(f"'{path}': cannot read as CSV of integers ({err})") from None
     if table.ndim != 2 or table.shape[1] != 785:
