@@ -8,7 +8,6 @@ view of rows of such an array, so train/val/test splits share one array and noth
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from vaelab.machine import available_memory
 from vaelab.rng import batch_rand
 
 log = logging.getLogger("vaelab")
@@ -181,22 +181,6 @@ def stratified_split(
 def format_bytes(n: int) -> str:
     """A byte count for a message: '2.4 GB', '310 MB'."""
     return f"{n / 1e9:,.1f} GB" if n >= 1e8 else f"{n / 1e6:,.1f} MB"
-
-
-def available_memory() -> int | None:
-    """Bytes of memory available to a new allocation (MemAvailable in /proc/meminfo where
-    present, else the machine's physical memory); None where neither can be read."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError, UnicodeDecodeError):
-        pass
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):
-        return None
 
 
 def check_memory(need: int, size: int, what: str) -> None:

@@ -6,14 +6,13 @@ file that subclasses a model, overrides a hook, and calls ``register``.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import TypeVar
 
 import torch
 
 from vaelab.config import MODEL_CONFIGS, ConfigError, ModelConfig
+from vaelab.machine import available_memory
 from vaelab.models.base import DiagonalGaussian, GenerativeModel, ModelOutput
 
 MODELS: dict[str, type[GenerativeModel]] = {}
@@ -55,21 +54,6 @@ def build_meta(cfg: ModelConfig, shape: tuple[int, int, int]) -> GenerativeModel
             f"{_keys(cfg, shape)}: cannot build this model "
             f"({str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__})"
         ) from None
-
-
-def available_memory() -> int | None:
-    """Bytes of memory this process could still get: MemAvailable of /proc/meminfo where there
-    is one, else the machine's physical memory; None where neither can be read."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):
-        return None
 
 
 def _keys(cfg: ModelConfig, shape: tuple[int, ...]) -> str:
