@@ -99,3 +99,13 @@ def test_dataclasses_built_in_python_are_type_checked():
     with pytest.raises(ConfigError, match="'train.epochs': expected int, got 2.5"):
         TrainConfig(epochs=2.5)  # type: ignore[arg-type]
     assert TrainConfig(lr=1).lr == 1.0
+
+
+def test_text_that_yaml_1_2_reads_as_a_number_survives_a_round_trip(tmp_path):
+    from vaelab.config import dump_yaml, load_config
+
+    cfg = load_config(overrides=["data.root=1e5", "data.cache_dir=.5"])
+    path = tmp_path / "c.yaml"
+    path.write_text(dump_yaml(cfg))
+    again = load_config(path)
+    assert (again.data.root, again.data.cache_dir) == ("1e5", ".5")

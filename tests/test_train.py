@@ -386,3 +386,17 @@ def test_fast_layers_train_the_same_weights_as_torchs_layers(tmp_path, splits, m
     assert used[True] == {"_ConvTransposeSummedBias", "_ConvFewOutputsBackward"}
     for k, v in runs[True].items():
         torch.testing.assert_close(v, runs[False][k], rtol=0, atol=1e-9, msg=k)
+
+
+def test_a_failed_first_checkpoint_keeps_nothing_and_can_be_rerun(tmp_path, splits, monkeypatch):
+    trainer = importlib.import_module("vaelab.train")
+
+    def full_disk(run, *args, **kwargs):
+        raise RunDirError(f"cannot write '{run}/state/train_state.safetensors': No space left")
+
+    monkeypatch.setattr(trainer, "save_train_state", full_disk)
+    with pytest.raises(RunDirError, match="no epoch had been saved, so nothing of it was kept"):
+        vaelab.train(tiny_config(), tmp_path / "a" / "run", splits=splits)
+    assert not (tmp_path / "a").exists()  # the folders it made are gone too
+    monkeypatch.undo()
+    vaelab.train(tiny_config(), tmp_path / "a" / "run", splits=splits)

@@ -20,8 +20,16 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 
-from vaelab import models
-from vaelab.config import ConfigError, ModelConfig, from_dict, to_dict
+from vaelab import models, rundir
+from vaelab.config import (
+    ConfigError,
+    ModelConfig,
+    RunConfig,
+    from_dict,
+    load_config,
+    saved_config,
+    to_dict,
+)
 from vaelab.models.base import GenerativeModel
 from vaelab.rundir import atomic_write
 
@@ -31,6 +39,18 @@ STATE_FILE = Path("state") / "train_state.safetensors"
 
 class CheckpointError(RuntimeError):
     """A run directory or checkpoint file that cannot be read (message names the file)."""
+
+
+def run_config(run_dir: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """A run's resolved config (its config.yaml), with ``overrides``. Settings that a newer
+    vaelab refuses as ignored by the model do not stop an older run from being read."""
+    with saved_config():
+        return load_config(Path(run_dir) / rundir.CONFIG, overrides)
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file of a run; a CheckpointError naming it if it is missing or unreadable."""
+    return _read_json(path)
 
 
 def _read_json(path: Path) -> Any:
@@ -142,7 +162,8 @@ def model_info(run_dir: str | Path) -> tuple[ModelConfig, tuple[int, int, int]]:
             f"channels 1 or 3, got {_short(shape)}"
         )
     try:
-        model_cfg = from_dict({"model": dict(info["model"])}).model
+        with saved_config():
+            model_cfg = from_dict({"model": dict(info["model"])}).model
     except ConfigError as err:
         raise CheckpointError(f"'{path}': {err}") from None
     return model_cfg, (shape[0], shape[1], shape[2])

@@ -11,6 +11,8 @@ section is checked against.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
 import re
@@ -155,11 +157,27 @@ def require(ok: bool, key: str, expected: str) -> None:
         raise ConfigError(f"config key '{key}': expected {expected}")
 
 
+# True while a run's saved config is rebuilt: a run trained before a setting was refused keeps
+# loading, evaluating and resuming as it was trained.
+_SAVED = contextvars.ContextVar("vaelab_saved_config", default=False)
+
+
+@contextlib.contextmanager
+def saved_config() -> typing.Iterator[None]:
+    """Rebuild configs a run saved: settings its model ignores are not refused (``unused``)."""
+    token = _SAVED.set(True)
+    try:
+        yield
+    finally:
+        _SAVED.reset(token)
+
+
 def unused(cfg: ModelConfig, key: str, why: str) -> None:
     """Refuse a model key that ``cfg``'s model would ignore. A value equal to the key's default
-    counts as unset (a config cannot tell "left alone" from "set to the default")."""
+    counts as unset (a config cannot tell "left alone" from "set to the default"). Not inside
+    ``saved_config()``: a saved run loads as it was trained."""
     value, default = getattr(cfg, key), cfg.default(key)
-    if value != default:
+    if value != default and not _SAVED.get():
         raise ConfigError(
             f"config key 'model.{key}': model '{cfg.name}' does not use it ({why}); expected "
             f"it unset (default {_show(default)}), got {_show(value)}"
@@ -415,5 +433,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return from_dict(tree)
 
 
+class ConfigDumper(yaml.SafeDumper):
+    """Writes text that ConfigLoader reads back as text: '1e5' is quoted, as YAML 1.2 would
+    read it as a number."""
+
+
+ConfigDumper.yaml_implicit_resolvers = ConfigLoader.yaml_implicit_resolvers
+
+
 def dump_yaml(cfg: RunConfig) -> str:
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    return yaml.dump(cfg.to_dict(), Dumper=ConfigDumper, sort_keys=False)

@@ -57,7 +57,7 @@ def check_demo_folder(out: str | Path) -> Path:
         return out
     for entry in sorted(out.iterdir()):
         name = entry.name
-        if name == rundir.LOCK:
+        if rundir.is_lock_file(entry):
             continue
         if name in EXPERIMENTS and entry.is_dir():
             ours = rundir.is_run(entry) or not any(entry.iterdir())

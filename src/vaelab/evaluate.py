@@ -30,8 +30,8 @@ from torch import Tensor
 
 from vaelab import data, rundir
 from vaelab import progress as progress_bars
-from vaelab.checkpoint import atomic_write, load
-from vaelab.config import ConfigError, load_config
+from vaelab.checkpoint import atomic_write, load, run_config
+from vaelab.config import ConfigError
 from vaelab.data import ImageDataset
 from vaelab.models.base import GenerativeModel
 from vaelab.rng import seeded
@@ -234,7 +234,7 @@ def evaluate(
         if out.is_dir():
             raise rundir.RunDirError(f"cannot write '{out}': it is a folder")
     model = load(run_dir)
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = run_config(run_dir)
     if splits is None:
         splits = data.build(cfg.data, progress=progress)
     dataset = {"val": splits.val, "test": splits.test}.get(split)

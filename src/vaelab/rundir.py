@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import stat
 import uuid
 from pathlib import Path
 
@@ -51,6 +52,8 @@ _TEMPORARIES = (
     (EVAL, r"(val|test)\.json"),
     (FIGURES, r"(curves|reconstructions|samples)\.png"),
 )
+# Files of the folders vaelab manages besides runs (a sweep's, the demo's): never an --out.
+COLLECTION_FILES = ("sweep.json", "summary.json")
 # Marks written into vaelab's own PNG and HTML outputs, so a rerun may replace them.
 PNG_MARK = b"tEXtSoftware\x00vaelab"
 HTML_MARK = '<meta name="generator" content="vaelab">'
@@ -115,7 +118,7 @@ def _fsync_dir(folder: Path) -> None:
 def temporary_pattern(name: str) -> re.Pattern[str]:
     """The names ``atomic_write`` gives the temporaries of a file whose name matches ``name``
     (a regular expression)."""
-    return re.compile(rf"\.({name})\.\d+\.[0-9a-f]{{8}}\.tmp")
+    return re.compile(rf"\.({name})\.(?P<pid>\d+)\.[0-9a-f]{{8}}\.tmp")
 
 
 def remove_stale_temporaries(run: str | Path) -> list[Path]:
@@ -128,10 +131,27 @@ def remove_stale_temporaries(run: str | Path) -> list[Path]:
             continue
         pattern = temporary_pattern(name)
         for entry in where.iterdir():
-            if pattern.fullmatch(entry.name) and entry.is_file() and not entry.is_symlink():
-                entry.unlink(missing_ok=True)
-                removed.append(entry)
+            match = pattern.fullmatch(entry.name)
+            if not match or entry.is_symlink() or not entry.is_file():
+                continue
+            if _alive(int(match.group("pid"))):
+                continue  # another process (evaluate, a figure) is writing it right now
+            entry.unlink(missing_ok=True)
+            removed.append(entry)
     return removed
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process with this pid exists (this one's own temporaries are never stale)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True
+    return True
 
 
 def check_writable(folder: str | Path) -> None:
@@ -175,32 +195,59 @@ def lock(folder: str | Path, name: str = LOCK, *, wait: bool = False, what: str 
     ``wait=False``: refuse at once if another process holds it, naming that process's pid.
     ``wait=True``: wait for it (the preprocessing cache: the second process then finds the
     first one's result). The lock file stays (it is vaelab's own): removing a lock file that
-    another process has open would let two processes hold "the" lock.
+    another process has open would let two processes hold "the" lock. A lock "file" that is a
+    symbolic link or not a regular file is refused, never followed or written.
     """
     folder = Path(folder)
     path = folder / name
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as err:
-        raise RunDirError(f"cannot write in '{folder}': {err.strerror or err}") from None
-    if fcntl is None:
-        return Lock(path, fd)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-    except OSError as err:
-        os.close(fd)
-        if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            raise RunDirError(f"cannot lock '{path}': {err.strerror or err}") from None
-        holder = _read_pid(path)
-        by = f"process {holder}" if holder else "another process"
-        raise RunDirError(
-            f"'{folder}' is in use by {by}{' ' + what if what else ''}: wait for it to finish, "
-            "or choose another folder"
-        ) from None
+    while True:
+        fd = _open_lock_file(folder, path)
+        if fcntl is None:
+            return Lock(path, fd)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except OSError as err:
+            os.close(fd)
+            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise RunDirError(f"cannot lock '{path}': {err.strerror or err}") from None
+            holder = _read_pid(path)
+            by = f"process {holder}" if holder else "another process"
+            raise RunDirError(
+                f"'{folder}' is in use by {by}{' ' + what if what else ''}: wait for it to "
+                "finish, or choose another folder"
+            ) from None
+        try:
+            same = os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+        except OSError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the file was removed (a run cleaned up) while we waited: lock anew
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     return Lock(path, fd)
+
+
+def _open_lock_file(folder: Path, path: Path) -> int:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    except OSError as err:
+        if path.is_symlink():
+            raise RunDirError(f"'{path}' is a symbolic link, not vaelab's lock file") from None
+        raise RunDirError(f"cannot write in '{folder}': {err.strerror or err}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise RunDirError(f"'{path}' is not a regular file, so not vaelab's lock file")
+    return fd
+
+
+def is_lock_file(entry: Path) -> bool:
+    """Whether ``entry`` is a lock file vaelab could have made (a regular file, not a link)."""
+    try:
+        return entry.name == LOCK and stat.S_ISREG(os.stat(entry, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
 
 
 def _read_pid(path: Path) -> int | None:
@@ -230,7 +277,7 @@ def check_new_run(out: str | Path) -> Path:
         return run
     if (run / CONFIG).exists():
         raise RunDirError(f"'{run}' already holds a run: continue it with `--resume {run}`")
-    entries = sorted(e.name for e in run.iterdir() if e.name != LOCK)
+    entries = sorted(e.name for e in run.iterdir() if not is_lock_file(e))
     if entries:
         more = f" and {len(entries) - 3} more" if len(entries) > 3 else ""
         shown = ", ".join(entries[:3]) + more
@@ -270,6 +317,11 @@ def check_output(out: str | Path, *, overwrite: bool = False) -> Path:
     path = folder_arg(out)
     if path.is_dir():
         raise RunDirError(f"--out '{path}' is a folder: expected a file name, e.g. {path}/out.png")
+    if path.name == LOCK or (path.name in COLLECTION_FILES and is_lock_file(path.parent / LOCK)):
+        raise RunDirError(
+            f"--out '{path}' would write over a file vaelab keeps in '{path.parent}': choose "
+            "another file"
+        )
     inside = run_containing(path)
     if inside is not None and inside[1].parts and inside[1].parts[0] in RESERVED:
         run, rel = inside
@@ -279,8 +331,8 @@ def check_output(out: str | Path, *, overwrite: bool = False) -> Path:
         )
     if path.exists() and not overwrite and not written_by_vaelab(path):
         raise RunDirError(
-            f"--out '{path}' exists and was not written by vaelab: choose another file, or pass "
-            "--overwrite to replace it"
+            f"--out '{path}' exists and carries no mark of vaelab's (its PNG and HTML files do): "
+            "choose another file, or pass --overwrite to replace it"
         )
     check_writable(path.parent)
     return path

@@ -92,7 +92,7 @@ def run_sweep(config: str | Path | None, out: str | Path, overrides: list[str]) 
             raise ConfigError(
                 f"'{out}' holds a sweep with other settings ({existing}): choose another --out"
             )
-    elif out.is_dir() and any(e.name != rundir.LOCK for e in out.iterdir()):
+    elif out.is_dir() and any(not rundir.is_lock_file(e) for e in out.iterdir()):
         raise rundir.RunDirError(
             f"'{out}' is not empty and holds no {SWEEP_FILE}: a sweep needs an empty or missing "
             "folder, or one of its own; choose another --out"

@@ -34,13 +34,15 @@ from vaelab.checkpoint import (
     CheckpointError,
     atomic_write,
     load_train_state,
+    read_json,
     read_metrics,
+    run_config,
     save_model_config,
     save_train_state,
     save_weights,
     weights_metadata,
 )
-from vaelab.config import ConfigError, RunConfig, TrainConfig, dump_yaml, load_config, to_dict
+from vaelab.config import ConfigError, RunConfig, TrainConfig, dump_yaml, to_dict
 from vaelab.data import DataError, ImageDataset, Splits
 from vaelab.data.base import DeviceImages, batch_source, log
 from vaelab.distributed import World
@@ -264,11 +266,11 @@ def train(
     """
     run = rundir.check_new_run(out)
     session = _session(cfg, splits)
-    recorded = _recording(cfg, session.splits)
+    recorded = _recording(cfg, session.splits) if session.world.is_main else {}
     distributed.barrier(session.world)  # every rank has checked `out` before rank 0 writes it
     lock = None
     if session.world.is_main:
-        created = not run.exists()
+        created = [p for p in (run, *run.parents) if not p.exists()]  # deepest first
         lock = rundir.lock(run, what="training")
         try:
             rundir.check_new_run(run)  # again, under the lock: another process may have begun
@@ -292,10 +294,11 @@ def train(
             lock.release()
 
 
-def _remove_unfinished(run: Path, created: bool, lock: rundir.Lock) -> None:
+def _remove_unfinished(run: Path, created: list[Path], lock: rundir.Lock) -> None:
     """Remove what a new run wrote before its first checkpoint (only vaelab's own names), and
-    the folder if this process created it and it is left empty."""
-    for name in (rundir.CONFIG, rundir.MODEL_CONFIG, rundir.METRICS):
+    the folders this process created (``created``, deepest first) if they are left empty. The
+    lock file goes while the lock is still held, so no other process can hold a lock on it."""
+    for name in (rundir.CONFIG, rundir.MODEL_CONFIG, rundir.METRICS, rundir.WEIGHTS):
         (run / name).unlink(missing_ok=True)
     rundir.remove_stale_temporaries(run)
     if (run / rundir.TENSORBOARD).is_dir():
@@ -303,11 +306,12 @@ def _remove_unfinished(run: Path, created: bool, lock: rundir.Lock) -> None:
     for folder in ("state", rundir.EVAL, rundir.FIGURES):
         with contextlib.suppress(OSError):
             (run / folder).rmdir()  # only if empty
-    lock.release()
     if created:
         (run / rundir.LOCK).unlink(missing_ok=True)
-        with contextlib.suppress(OSError):
-            run.rmdir()
+        for folder in created:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only if empty
+    lock.release()
 
 
 def resume(
@@ -369,13 +373,16 @@ def _reopen(
                     f"config key '{key}' cannot change when resuming (allowed: "
                     f"{', '.join(RESUMABLE_KEYS)})"
                 )
-    cfg = load_config(run / rundir.CONFIG, overrides)
+    cfg = run_config(run, overrides)
     recorded = _recorded(run)
     if started:
         _check_unchanged(run, cfg, recorded, accept_changes)
     session = _session(cfg, splits)
     if started:
         _check_same_data(run, session.splits, recorded, accept_changes)
+        if accept_changes and session.world.is_main:
+            # What was accepted is what the run is now: the next resume compares with it.
+            save_model_config(run, session.model, _recording(cfg, session.splits))
     counters: dict[str, Any] = {"epoch": 0, "step": 0, "seconds": 0.0}
     rows: list[dict[str, Any]] = []
     if started:
@@ -409,13 +416,9 @@ def _recording(cfg: RunConfig, splits: Splits) -> dict[str, Any]:
 
 def _recorded(run: Path) -> dict[str, Any]:
     """What config.json recorded when the run began (older runs: model and data only)."""
-    path = run / rundir.MODEL_CONFIG
-    try:
-        info = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"'{path}': not readable JSON ({err})") from None
+    info = read_json(run / rundir.MODEL_CONFIG)
     if not isinstance(info, dict):
-        raise CheckpointError(f"'{path}': expected a JSON object")
+        raise CheckpointError(f"'{run / rundir.MODEL_CONFIG}': expected a JSON object")
     return info
 
 
@@ -626,10 +629,15 @@ def _fit(
                 try:
                     _write_epoch(run, session, counters, rows)
                 except rundir.RunDirError as err:  # a full disk, a folder made read-only
-                    kept = f"epoch {epoch - 1}" if epoch > 1 else "none yet"
+                    if epoch == 1:  # no whole checkpoint exists: keep no half of one either
+                        (run / rundir.WEIGHTS).unlink(missing_ok=True)
+                        raise rundir.RunDirError(
+                            f"{err}; no epoch had been saved, so nothing of it was kept: make "
+                            "room, then run the same command again"
+                        ) from None
                     raise rundir.RunDirError(
-                        f"{err}; the last checkpoint in '{run}' is intact ({kept}): make room, "
-                        f"then `vaelab train --resume {run}`"
+                        f"{err}; the last checkpoint in '{run}' (epoch {epoch - 1}) is intact: "
+                        f"make room, then `vaelab train --resume {run}`"
                     ) from None
                 if show:
                     print(

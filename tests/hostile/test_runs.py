@@ -79,15 +79,19 @@ def test_resume_removes_only_vaelabs_own_temporaries(tmp_path, run_copy):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("the user's")
     stale = [
-        run_copy / ".model.safetensors.4242.0badc0de.tmp",
-        run_copy / "state" / ".train_state.safetensors.4242.0badc0de.tmp",
+        run_copy / ".model.safetensors.4999999.0badc0de.tmp",
+        run_copy / "state" / ".train_state.safetensors.4999999.0badc0de.tmp",
     ]
     for path in stale:
         path.write_text("left by a killed run")
+    live = run_copy / "eval" / f".val.json.{os.getpid()}.0badc0de.tmp"  # being written now
+    live.parent.mkdir(exist_ok=True)
+    live.write_text("another process is writing this")
     result = run_cli("train", "--resume", run_copy, "train.epochs=2", cwd=tmp_path)
     assert result.code == 0, result.stderr[-2000:]
     assert all(p.read_text() == "the user's" for p in mine)
     assert not any(p.exists() for p in stale)
+    assert live.read_text() == "another process is writing this"
 
 
 def test_resume_without_state_is_refused(tmp_path, run_copy):
@@ -130,8 +134,12 @@ def test_outputs_replace_only_what_vaelab_wrote(tmp_path, run_copy):
     user = tmp_path / "picture.png"
     user.write_bytes(b"\x89PNG\r\n\x1a\n the user's own picture")
     before = snapshot(tmp_path)
-    assert_refused(run_cli("sample", run_copy, "--out", user, cwd=tmp_path), "not written by")
-    assert_refused(run_cli("encode", run_copy, "--out", user, cwd=tmp_path), "not written by")
+    assert_refused(
+        run_cli("sample", run_copy, "--out", user, cwd=tmp_path), "carries no mark of vaelab"
+    )
+    assert_refused(
+        run_cli("encode", run_copy, "--out", user, cwd=tmp_path), "carries no mark of vaelab"
+    )
     assert_unchanged(before, tmp_path)
     # vaelab's own picture may be drawn again; the user's only with --overwrite.
     mine = tmp_path / "samples.png"
@@ -262,6 +270,9 @@ def test_resume_refuses_hand_edits_of_fixed_keys_unless_accepted(tmp_path, run_c
     )
     assert result.code == 0, result.stderr[-2000:]
     assert "edited config.yaml: train.lr 0.001 -> 0.5" in result.stderr
+    # What was accepted is remembered: the next resume needs no flag.
+    result = run_cli("train", "--resume", run_copy, "train.epochs=3", cwd=tmp_path)
+    assert result.code == 0, result.stderr[-2000:]
 
 
 def test_progress_off_a_terminal_is_one_line_per_epoch(tmp_path, digits_csv):
@@ -360,7 +371,7 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, digits_csv, un
     assert "Traceback" not in err, err[-3000:]
     if how == "disk full":
         assert proc.returncode == 2
-        assert "cannot write" in err and "the last checkpoint in 'run' is intact" in err, err
+        assert "cannot write" in err and "the last checkpoint in 'run' (epoch" in err, err
     if how == "SIGINT":
         assert proc.returncode == 130 and "continue: --resume RUN" in err
     result = run_cli("train", "--resume", "run", cwd=tmp_path)
@@ -370,3 +381,41 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, digits_csv, un
     assert resumed.keys() == whole.keys()
     for key, value in whole.items():
         assert np.array_equal(value, resumed[key]), key
+
+
+def test_a_lock_file_that_is_a_link_is_never_followed(tmp_path, digits_csv):
+    (tmp_path / "precious.txt").write_text("my thesis")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / ".vaelab.lock").symlink_to("../precious.txt")
+    before = snapshot(tmp_path)
+    result = run_cli("train", "--out", "run", f"data.root={digits_csv}", *TINY, cwd=tmp_path)
+    assert_refused(result, "'run' is not empty")
+    assert_unchanged(before, tmp_path)
+
+
+def test_outputs_never_replace_the_files_of_sweeps_and_locks(tmp_path, run_copy):
+    sweep = tmp_path / "sw"
+    sweep.mkdir()
+    (sweep / "sweep.json").write_text("{}")
+    (sweep / ".vaelab.lock").write_text("")
+    before = snapshot(tmp_path)
+    for out in (sweep / "sweep.json", run_copy / ".vaelab.lock", tmp_path / ".vaelab.lock"):
+        result = run_cli("sample", run_copy, "--out", out, "--overwrite", cwd=tmp_path)
+        assert_refused(result, "would write over")
+    assert_unchanged(before, tmp_path)
+
+
+def test_a_run_of_an_older_vaelab_with_a_now_refused_setting_still_loads(tmp_path, run_copy):
+    # Made before sigma2 with a Bernoulli likelihood was refused: it must keep working.
+    for name in ("config.json", "config.yaml"):
+        path = run_copy / name
+        text = path.read_text()
+        text = text.replace('"likelihood": "gaussian"', '"likelihood": "bernoulli"')
+        text = text.replace('"sigma2": 0.5', '"sigma2": 1.0')
+        text = text.replace("likelihood: gaussian", "likelihood: bernoulli")
+        text = text.replace("sigma2: 0.5", "sigma2: 1.0")
+        path.write_text(text)
+    result = run_cli("sample", run_copy, "--out", "s.png", "-n", "4", cwd=tmp_path)
+    assert result.code == 0, result.stderr[-2000:]
+    result = run_cli("evaluate", run_copy, "--iw-samples", "2", cwd=tmp_path)
+    assert result.code == 0, result.stderr[-2000:]

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from vaelab import data, rundir
-from vaelab.checkpoint import load
-from vaelab.config import ConfigError, load_config
+from vaelab.checkpoint import load, run_config
+from vaelab.config import ConfigError
 from vaelab.models.base import GenerativeModel
 from vaelab.report import pictures
 from vaelab.report.figures import MAX_GRID_SIDE, grid_size, save_grid
@@ -27,7 +27,7 @@ def run_split(
     for text in overrides or []:
         if not text.strip().startswith("data."):
             raise data.DataError(f"'{text}': only data.* keys can change here")
-    cfg = load_config(Path(run) / "config.yaml", overrides)
+    cfg = run_config(run, overrides)
     splits = data.build(cfg.data)
     parts = {"train": splits.train, "val": splits.val, "test": splits.test}
     if split not in parts:

@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from vaelab import data, rundir
-from vaelab.checkpoint import CheckpointError, atomic_write, load, read_metrics
-from vaelab.config import load_config
+from vaelab.checkpoint import CheckpointError, atomic_write, load, read_metrics, run_config
 from vaelab.report import pictures
 from vaelab.report.figures import curves_png, grid_png, rate_distortion_png
 
@@ -147,7 +146,7 @@ def write_report(
     curves, recons, samples, interps, traversals = [], [], [], [], []
     data_cache: dict[str, data.Splits] = {}
     for run, name in zip(runs, names, strict=True):
-        cfg = load_config(run / "config.yaml")
+        cfg = run_config(run)
         configs.append(cfg.to_dict())
         evals.append(_read_eval(run / "eval" / "val.json"))
         key = json.dumps(configs[-1]["data"], sort_keys=True)
