@@ -1,5 +1,6 @@
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -81,3 +82,15 @@ def test_sweep_values_keep_underscores():
         "model.name": "sigma_vae",
         "model.latent_dim": "3",
     }
+
+
+def test_a_sweep_is_the_same_when_its_runs_train_the_same(tmp_path, monkeypatch):
+    from vaelab.sweep import same_sweep
+
+    monkeypatch.chdir(tmp_path)
+    Path("c.yaml").write_text("train:\n  lr: 0.001\n")
+    axes = ["model.latent_dim=2,3"]
+    before, _ = plan("c.yaml", axes)
+    assert same_sweep(json.loads(json.dumps(before)), plan("./c.yaml", axes)[0])  # path spelt
+    Path("c.yaml").write_text("train:\n  lr: 0.01\n")  # the file edited between two runs
+    assert not same_sweep(before, plan("c.yaml", axes)[0])

@@ -34,7 +34,7 @@ from vaelab.models.base import GenerativeModel
 from vaelab.rundir import atomic_write
 
 FORMAT = "vaelab-model/1"
-STATE_FILE = Path("state") / "train_state.safetensors"
+STATE_FILE = Path(rundir.STATE)
 
 
 class CheckpointError(RuntimeError):
@@ -117,18 +117,18 @@ def _state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 def save_model_config(run_dir: str | Path, model: GenerativeModel, meta: dict[str, Any]) -> None:
     """Write ``config.json``: what ``load`` needs to rebuild the model (written once per run)."""
     info = {"format": FORMAT, "model": to_dict(model.cfg), "shape": list(model.shape), **meta}
-    atomic_write(Path(run_dir) / "config.json", json.dumps(info, indent=2) + "\n")
+    atomic_write(Path(run_dir) / rundir.MODEL_CONFIG, json.dumps(info, indent=2) + "\n")
 
 
 def save_weights(run_dir: str | Path, model: GenerativeModel, meta: dict[str, Any]) -> None:
     """Write ``model.safetensors``, with ``meta`` (epoch, step) as JSON in its metadata."""
     metadata = {"format": FORMAT, **{k: json.dumps(v) for k, v in meta.items()}}
-    atomic_write(Path(run_dir) / "model.safetensors", st_save(_state_dict(model), metadata))
+    atomic_write(Path(run_dir) / rundir.WEIGHTS, st_save(_state_dict(model), metadata))
 
 
 def weights_metadata(run_dir: str | Path) -> dict[str, Any]:
     """The metadata saved with a run's weights, e.g. {'format': ..., 'epoch': 3, 'step': 105}."""
-    path = Path(run_dir) / "model.safetensors"
+    path = Path(run_dir) / rundir.WEIGHTS
     _, metadata = _read_safetensors(path)
     try:
         return {k: v if k == "format" else json.loads(v) for k, v in metadata.items()}
@@ -139,7 +139,7 @@ def weights_metadata(run_dir: str | Path) -> dict[str, Any]:
 def model_info(run_dir: str | Path) -> tuple[ModelConfig, tuple[int, int, int]]:
     """The model config and image shape (C, H, W) in a run's ``config.json``, checked: a
     CheckpointError naming the file and the entry for anything else."""
-    path = Path(run_dir) / "config.json"
+    path = Path(run_dir) / rundir.MODEL_CONFIG
     info = _read_json(path)
     if not isinstance(info, dict) or info.get("format") != FORMAT:
         raise CheckpointError(f"'{path}': expected format '{FORMAT}'")
@@ -179,7 +179,7 @@ def load(run_dir: str | Path, device: str | torch.device = "cpu") -> GenerativeM
     """
     run_dir = Path(run_dir)
     model_cfg, shape = model_info(run_dir)
-    weights = run_dir / "model.safetensors"
+    weights = run_dir / rundir.WEIGHTS
     try:
         models.check_size(model_cfg, shape, training=False, device=device)
     except ConfigError as err:
@@ -445,7 +445,7 @@ def _check_param_groups(
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     """The rows of a run's metrics.jsonl (empty if it has none yet)."""
-    path = Path(run_dir) / "metrics.jsonl"
+    path = Path(run_dir) / rundir.METRICS
     if not path.is_file():
         return []
     try:

@@ -170,9 +170,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     sweep = len(args.runs) == 1 and is_sweep(args.runs[0])
     runs = sweep_runs(args.runs[0])[1] if sweep else args.runs
     if sweep:  # a sweep in progress: report the runs that have finished an epoch
-        runs = [run for run in runs if (Path(run) / "model.safetensors").is_file()]
+        runs = [run for run in runs if (Path(run) / rundir.WEIGHTS).is_file()]
     for run in runs:
-        if not (Path(run) / "eval" / "val.json").is_file():
+        if not (Path(run) / rundir.EVAL / "val.json").is_file():
             evaluate(run, "val", args.iw_samples, progress=not args.quiet)
     if sweep:
         out = write_sweep_report(args.runs[0], args.out, overwrite=args.overwrite)
@@ -331,9 +331,15 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     except KeyboardInterrupt:
+        about_runs = args.command in ("train", "sweep", "demo")
         print(
-            "vaelab: interrupted; a run keeps its last finished epoch (continue: --resume RUN), "
-            "a new run with no finished epoch is removed",
+            "vaelab: interrupted"
+            + (
+                "; a run keeps its last finished epoch (continue: --resume RUN), a new run "
+                "with no finished epoch is removed"
+                if about_runs
+                else ""
+            ),
             file=sys.stderr,
         )
         return 130

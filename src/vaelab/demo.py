@@ -129,7 +129,7 @@ def _run_demo(out: Path, epochs: int, progress: bool, iw_samples: int) -> dict[s
         cfg = load_config(overrides=overrides)
         splits = splits or data.build(cfg.data)
         run_dir = out / name
-        if (run_dir / "config.yaml").is_file():
+        if (run_dir / rundir.CONFIG).is_file():
             resume(run_dir, [f"train.epochs={epochs}"], splits=splits)
         else:
             train(cfg, run_dir, splits=splits)

@@ -72,8 +72,21 @@ def plan(
         "fixed": fixed,
         "runs": [name for name, _ in runs],
         "values": values,  # each run's swept values, for labels
+        # What each run trains: a re-run compares these, not the path of the config file.
+        "configs": {name: cfg.to_dict() for name, cfg in runs},
     }
     return info, runs
+
+
+def same_sweep(before: object, now: dict[str, Any]) -> bool:
+    """Whether a sweep folder's description ``before`` describes the sweep ``now``: the same
+    runs with the same resolved configs (older descriptions, without configs: the same axes,
+    fixed values and config path)."""
+    if not isinstance(before, dict):
+        return False
+    if "configs" in before:
+        return all(before.get(k) == now[k] for k in ("runs", "configs"))
+    return all(before.get(k) == now[k] for k in ("config", "axes", "fixed", "runs", "values"))
 
 
 def run_sweep(config: str | Path | None, out: str | Path, overrides: list[str]) -> list[Path]:
@@ -87,7 +100,7 @@ def run_sweep(config: str | Path | None, out: str | Path, overrides: list[str]) 
     if out.exists() and not out.is_dir():
         raise rundir.RunDirError(f"'{out}' exists and is not a folder")
     if existing.is_file():
-        if _read_sweep(existing) != info:
+        if not same_sweep(_read_sweep(existing), info):
             # Same folder, other settings: resuming would keep runs trained with the old ones.
             raise ConfigError(
                 f"'{out}' holds a sweep with other settings ({existing}): choose another --out"

@@ -303,7 +303,7 @@ def _remove_unfinished(run: Path, created: list[Path], lock: rundir.Lock) -> Non
     rundir.remove_stale_temporaries(run)
     if (run / rundir.TENSORBOARD).is_dir():
         shutil.rmtree(run / rundir.TENSORBOARD, ignore_errors=True)
-    for folder in ("state", rundir.EVAL, rundir.FIGURES):
+    for folder in (Path(rundir.STATE).parent, rundir.EVAL, rundir.FIGURES):
         with contextlib.suppress(OSError):
             (run / folder).rmdir()  # only if empty
     if created:
@@ -708,7 +708,7 @@ def _write_epoch(
     """Rank 0's writes at the end of an epoch. Metrics first, state last: a crash in between
     leaves extra rows that resume drops, never a checkpoint whose metrics are missing."""
     model, epoch = session.model, counters["epoch"]
-    atomic_write(run / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    atomic_write(run / rundir.METRICS, "".join(json.dumps(r) + "\n" for r in rows))
     save_weights(run, model, {"epoch": epoch, "step": counters["step"]})
     state = dict(counters)
     if session.scaler.is_enabled():

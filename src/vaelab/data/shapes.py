@@ -20,8 +20,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from tqdm.auto import tqdm
 
+from vaelab import progress as progress_bars
 from vaelab.config import DataConfig
 from vaelab.data.base import DataError, ImageDataset, Splits
 
@@ -151,7 +151,7 @@ def build(cfg: DataConfig, progress: bool = True) -> Splits:
     n = len(factors)
     images = np.empty((n, SIZE, SIZE, 1), np.uint8)
     step = 16 * CHUNK  # a bar update every few hundred milliseconds
-    with tqdm(total=n, unit="img", desc="rendering shapes", disable=not progress) as bar:
+    with progress_bars.bar(n, "rendering shapes", progress, unit="img") as bar:
         for start in range(0, n, step):
             images[start : start + step, ..., 0] = render(factors[start : start + step])
             bar.update(min(step, n - start))

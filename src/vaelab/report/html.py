@@ -148,7 +148,7 @@ def write_report(
     for run, name in zip(runs, names, strict=True):
         cfg = run_config(run)
         configs.append(cfg.to_dict())
-        evals.append(_read_eval(run / "eval" / "val.json"))
+        evals.append(_read_eval(run / rundir.EVAL / "val.json"))
         key = json.dumps(configs[-1]["data"], sort_keys=True)
         if key not in data_cache:
             data_cache[key] = data.build(cfg.data, progress=False)
@@ -251,7 +251,7 @@ def write_sweep_report(sweep_dir: str | Path, out: str | Path, *, overwrite: boo
     info, runs = sweep_runs(sweep_dir)
     axes = list(info.get("axes", {}))
     points = []
-    runs = [run for run in runs if (run / "model.safetensors").is_file()]  # finished an epoch
+    runs = [run for run in runs if (Path(run) / rundir.WEIGHTS).is_file()]
     if not runs:
         raise CheckpointError(f"'{sweep_dir}': no run of the sweep has finished an epoch yet")
     for run in runs:
