@@ -362,3 +362,47 @@ def test_data_size_beyond_memory_is_refused_before_allocating(tmp_path):
                      cwd=tmp_path)  # fmt: skip
     assert_refused(result, f"data.size={size}", "GB of memory", "available")
     assert_unchanged(before, tmp_path)
+
+
+# -- decoding, from the command line ---------------------------------------------------------
+def prepared(tmp_path: Path, folder: Path) -> dict[str, np.ndarray]:
+    """`vaelab prepare` a folder at 16x16 grey; the cached images by file name."""
+    import json
+
+    result = run_cli(
+        "prepare", "data.name=folder", f"data.root={folder}", "data.size=16",
+        "data.channels=1", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.code == 0, result.stderr[-2000:]
+    (npy,) = (tmp_path / CACHE).glob("folder-*.npy")
+    names = json.loads(npy.with_suffix(".json").read_text())["images"]
+    return dict(zip(names, np.load(npy)[..., 0], strict=True))
+
+
+def test_a_sixteen_bit_png_is_scaled_to_eight_bits_not_clipped(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "pics"
+    folder.mkdir()
+    Image.fromarray(np.full((16, 16), 128 * 257, np.uint16)).save(folder / "deep.png")
+    Image.fromarray(np.full((16, 16), 30, np.uint8)).save(folder / "plain.png")
+    images = prepared(tmp_path, folder)
+    assert np.abs(images["deep.png"].astype(int) - 128).max() <= 1  # was 255: clipped
+    assert np.abs(images["plain.png"].astype(int) - 30).max() <= 1
+
+
+def test_a_jpeg_is_turned_as_its_exif_orientation_says(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "pics"
+    folder.mkdir()
+    stored = np.zeros((16, 16), np.uint8)
+    stored[:8] = 255  # top half white as stored; orientation 6 shows it turned 90° clockwise
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(folder / "turned.jpg", exif=exif.tobytes(), quality=100)
+    Image.fromarray(stored).save(folder / "plain.jpg", quality=100)
+    images = prepared(tmp_path, folder)
+    turned, plain = images["turned.jpg"].astype(int), images["plain.jpg"].astype(int)
+    assert turned[:, -3:].mean() > 200 and turned[:, :3].mean() < 50  # white on the right
+    assert plain[:3].mean() > 200 and plain[-3:].mean() < 50  # no tag: as stored
