@@ -50,10 +50,6 @@ def run_config(run_dir: str | Path, overrides: list[str] | None = None) -> RunCo
 
 def read_json(path: Path) -> Any:
     """A JSON file of a run; a CheckpointError naming it if it is missing or unreadable."""
-    return _read_json(path)
-
-
-def _read_json(path: Path) -> Any:
     if not path.is_file():
         raise CheckpointError(f"'{path}' not found: is '{path.parent}' a vaelab run directory?")
     try:
@@ -140,7 +136,7 @@ def model_info(run_dir: str | Path) -> tuple[ModelConfig, tuple[int, int, int]]:
     """The model config and image shape (C, H, W) in a run's ``config.json``, checked: a
     CheckpointError naming the file and the entry for anything else."""
     path = Path(run_dir) / rundir.MODEL_CONFIG
-    info = _read_json(path)
+    info = read_json(path)
     if not isinstance(info, dict) or info.get("format") != FORMAT:
         raise CheckpointError(f"'{path}': expected format '{FORMAT}'")
     for key in ("model", "shape"):

@@ -255,7 +255,7 @@ def posterior_means(
 ) -> np.ndarray:
     """E_q[z|x] for every image of ``dataset``, (N, d) float32."""
     if not model.has_encoder:
-        raise ValueError(f"model '{model.cfg.name}' has no encoder: there is nothing to encode")
+        raise ConfigError(f"model '{model.cfg.name}' has no encoder: there is nothing to encode")
     model.eval()
     device = next(model.parameters()).device
     out = [
@@ -273,11 +273,8 @@ def encode(
     ``out`` is checked first (``rundir.check_output``): never one of a run's own files, nor an
     existing file vaelab did not write unless ``overwrite``."""
     out = rundir.check_output(out, overwrite=overwrite)
-    model = load(run_dir)
-    if not model.has_encoder:
-        raise ConfigError(f"model '{model.cfg.name}' has no encoder: there is nothing to encode")
     buf = io.BytesIO()
-    np.save(buf, posterior_means(model, dataset))
+    np.save(buf, posterior_means(load(run_dir), dataset))
     atomic_write(out, buf.getvalue())
     return out
 

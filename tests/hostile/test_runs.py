@@ -315,6 +315,7 @@ def test_two_trainings_into_one_folder_cannot_both_run(tmp_path, digits_csv):
         first.wait()
     # The kernel dropped the killed process's lock: the run resumes at once.
     result = run_cli("train", "--resume", "run", "train.epochs=1", cwd=tmp_path)
+    assert "in use by" not in result.stderr and "Traceback" not in result.stderr
     assert result.code == 0 or "has finished" in result.stderr, result.stderr[-2000:]
 
 
