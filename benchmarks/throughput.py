@@ -7,7 +7,7 @@ and batch size, the same network is trained:
   same loop in a process with vaelab's CPU memory cache (train.cpu_memory_cache), to show what
   that process setting alone is worth;
 - by pythae's own ``VAE`` (benchmarks/peers.py), when pythae is installed (CPU only);
-- by vaelab's own training step (``vaelab.train._step``, as the trainer calls it, batches
+- by vaelab's own training step (``vaelab.trainer._step``, as the trainer calls it, batches
   gathered from a uint8 dataset), in each of the trainer's fast paths.
 Each contender runs in a process of its own, as a user runs one trainer, so what one sets in its
 process reaches no other; the processes start side by side, then warm up and are timed one at a
@@ -307,7 +307,7 @@ def plain_loop(net: str, batch: int, device: str, memory_cache: bool = False) ->
     (``train.cpu_memory_cache``), to show what that setting alone is worth."""
     name = "peer: plain fp32 loop"
     if memory_cache:
-        importlib.import_module("vaelab.train").cache_cpu_memory()
+        importlib.import_module("vaelab.trainer").cache_cpu_memory()
         name = "peer: plain loop + memory cache"
     torch.manual_seed(0)
     model = models.build(run_config(net, []).model, NETS[net][0]).to(device)
@@ -347,7 +347,7 @@ def vaelab_contender(
     (-> channels-last) -> ``_step`` (autocast, fused Adam, no host sync); and ``evaluate_split``
     on a validation set of 4 batches."""
     device = torch.device(device_name)
-    trainer = importlib.import_module("vaelab.train")
+    trainer = importlib.import_module("vaelab.trainer")
     cfg = run_config(net, [*overrides, f"train.device={device.type}", f"train.batch_size={batch}"])
     splits = synthetic_splits(NETS[net][0], 8 * batch, 4 * batch)
     session = trainer._session(cfg, splits)

@@ -11,7 +11,7 @@ from vaelab.cli import main
 from vaelab.config import load_config
 from vaelab.data.celeba import split_by_number
 from vaelab.data.synthetic import celeba_name, write_images
-from vaelab.train import read_metrics
+from vaelab.trainer import read_metrics
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 

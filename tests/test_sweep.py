@@ -7,7 +7,7 @@ import pytest
 from vaelab.cli import main
 from vaelab.config import ConfigError
 from vaelab.sweep import parse_axes, plan
-from vaelab.train import read_metrics
+from vaelab.trainer import read_metrics
 
 FAST = ["model.net=mlp", "model.widths=[256]", "model.latent_dim=8", "train.progress=false"]
 

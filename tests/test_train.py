@@ -18,7 +18,7 @@ from vaelab.checkpoint import CheckpointError, weights_metadata
 from vaelab.config import ConfigError
 from vaelab.models.vae import VAE
 from vaelab.rundir import RunDirError
-from vaelab.train import TrainingDiverged, learning_rate, read_metrics
+from vaelab.trainer import TrainingDiverged, learning_rate, read_metrics
 
 KEYS = ["split", "epoch", "step", "loss", "recon", "kl", "elbo_nats", "bpd", "seconds"]
 
@@ -150,8 +150,7 @@ def test_nan_weights_after_a_finite_loss_are_never_saved(tmp_path, splits, monke
 def test_crash_between_metrics_and_state_resumes_exactly(tmp_path, splits, monkeypatch):
     cfg = tiny_config("train.epochs=3")
     full = vaelab.train(cfg, tmp_path / "full", splits=splits)
-    # vaelab.train is also the name of the function, so the module is looked up by name.
-    trainer = importlib.import_module("vaelab.train")
+    trainer = importlib.import_module("vaelab.trainer")
     real = trainer.save_train_state
     calls = {"n": 0}
 
@@ -332,7 +331,7 @@ def test_a_failing_compile_falls_back_to_eager_with_the_same_weights(tmp_path, s
 
 CACHE_PROBE = """
 import resource, sys, torch
-from vaelab.train import cache_cpu_memory
+from vaelab.trainer import cache_cpu_memory
 
 def faults_per_cycle():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -389,7 +388,7 @@ def test_fast_layers_train_the_same_weights_as_torchs_layers(tmp_path, splits, m
 
 
 def test_a_failed_first_checkpoint_keeps_nothing_and_can_be_rerun(tmp_path, splits, monkeypatch):
-    trainer = importlib.import_module("vaelab.train")
+    trainer = importlib.import_module("vaelab.trainer")
 
     def full_disk(run, *args, **kwargs):
         raise RunDirError(f"cannot write '{run}/state/train_state.safetensors': No space left")

@@ -10,7 +10,7 @@ from vaelab import losses
 from vaelab.models import build
 from vaelab.models.beta_vae_capacity import capacity
 from vaelab.models.sigma_vae import optimal_sigma2
-from vaelab.train import kl_anneal
+from vaelab.trainer import kl_anneal
 
 SHAPE = (1, 8, 8)
 

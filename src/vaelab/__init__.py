@@ -10,7 +10,7 @@
 from vaelab import models  # noqa: F401  (registers the model variants)
 from vaelab.checkpoint import load
 from vaelab.config import ConfigError, RunConfig, load_config
-from vaelab.train import resume, train
+from vaelab.trainer import resume, train
 
 __version__ = "0.1.0"
 __all__ = ["ConfigError", "RunConfig", "load", "load_config", "resume", "train"]

@@ -16,7 +16,7 @@ from vaelab.checkpoint import CheckpointError
 from vaelab.config import ConfigError, load_config
 from vaelab.data import DataError
 from vaelab.rundir import RunDirError
-from vaelab.train import TrainingDiverged
+from vaelab.trainer import TrainingDiverged
 
 # Errors that are the input's fault: one line, exit code 2. OSError: a file that cannot be read
 # or written (permissions, a full disk), named by the error itself.
@@ -67,7 +67,7 @@ def _split_args(items: list[str]) -> tuple[str | None, list[str]]:
 def cmd_train(args: argparse.Namespace) -> int:
     """One process, or one of torchrun's (``torchrun --nproc_per_node N -m vaelab train ...``)."""
     from vaelab import distributed
-    from vaelab.train import resume, train
+    from vaelab.trainer import resume, train
 
     path, overrides = _split_args(args.items)
     try:

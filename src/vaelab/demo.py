@@ -20,7 +20,7 @@ from vaelab.config import load_config
 from vaelab.evaluate import evaluate
 from vaelab.report import pictures, plot_curves, save_grid, save_overview
 from vaelab.report.html import write_report
-from vaelab.train import resume, train
+from vaelab.trainer import resume, train
 
 # The shared settings, then what each experiment changes. Kept small enough for 2 CPU cores.
 COMMON = [

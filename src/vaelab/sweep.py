@@ -22,7 +22,7 @@ from typing import Any
 
 from vaelab import data, rundir
 from vaelab.config import ConfigError, RunConfig, load_config
-from vaelab.train import resume, train
+from vaelab.trainer import resume, train
 
 SWEEP_FILE = "sweep.json"
 MAX_NAME = 120  # characters of a run's folder name, before its hash

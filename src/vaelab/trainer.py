@@ -1,4 +1,6 @@
-"""The training loop: any registered model, checkpoints every epoch, exact resume.
+"""The trainer: any registered model, checkpoints every epoch, exact resume.
+
+The module is ``vaelab.trainer``; ``vaelab.train`` and ``vaelab.resume`` are its two entry points.
 
 Read top to bottom: ``train`` starts a run, ``resume`` continues one, both hand over to ``_fit``,
 which runs epochs of (shuffle, step, validate, write). The loop only reads the model's named
