@@ -7,13 +7,13 @@ and batch size, the same network is trained:
   same loop in a process with vaelab's CPU memory cache (train.cpu_memory_cache), to show what
   that process setting alone is worth;
 - by pythae's own ``VAE`` (benchmarks/peers.py), when pythae is installed (CPU only);
-- by vaelab's own training step (``vaelab.trainer._step``, as the trainer calls it, batches
+- by vaelab's own training step (``vaelab.trainer.train_step``, as the trainer calls it, batches
   gathered from a uint8 dataset), in each of the trainer's fast paths.
 Each contender runs in a process of its own, as a user runs one trainer, so what one sets in its
 process reaches no other; the processes start side by side, then warm up and are timed one at a
 time. Reported: training
 images/s (forward + loss + backward + optimizer step), evaluation images/s
-(vaelab: ``evaluate_split``; peer: an eval-mode forward), forward FLOPs per image
+(vaelab: ``vaelab.trainer.validate``; peer: an eval-mode forward), forward FLOPs per image
 (torch.utils.flop_counter), achieved GFLOP/s (3 x forward per training image) and its share of
 the matmul peak measured in the same run, and the ratio to each peer (the median of the ratios
 within each repetition). Every rate is the median of --reps repetitions after warm-up. On a
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import json
 import math
 import multiprocessing as mp
@@ -49,7 +48,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import vaelab
-from vaelab import models
+from vaelab import models, speed, trainer
 from vaelab.data import ImageDataset, Splits
 from vaelab.data.base import batch_source
 
@@ -298,6 +297,10 @@ def measure(workers: list[Worker], reps: int) -> None:
         w.stop()
 
 
+# The process-wide settings of vaelab's contenders (threads, memory cache), held to the end.
+SETTINGS = contextlib.ExitStack()
+
+
 # -- the peers' loop and vaelab's step --------------------------------------------------------
 
 
@@ -307,7 +310,7 @@ def plain_loop(net: str, batch: int, device: str, memory_cache: bool = False) ->
     (``train.cpu_memory_cache``), to show what that setting alone is worth."""
     name = "peer: plain fp32 loop"
     if memory_cache:
-        importlib.import_module("vaelab.trainer").cache_cpu_memory()
+        speed.cache_cpu_memory()
         name = "peer: plain loop + memory cache"
     torch.manual_seed(0)
     model = models.build(run_config(net, []).model, NETS[net][0]).to(device)
@@ -343,14 +346,15 @@ def pythae(net: str, batch: int, device: str) -> Contender | None:
 def vaelab_contender(
     net: str, batch: int, device_name: str, label: str, overrides: list[str]
 ) -> Contender:
-    """vaelab's training step as ``_fit`` runs it: indices -> uint8 gather -> float batch
-    (-> channels-last) -> ``_step`` (autocast, fused Adam, no host sync); and ``evaluate_split``
-    on a validation set of 4 batches."""
+    """vaelab's training step as ``vaelab.trainer.fit`` runs it: indices -> uint8 gather ->
+    float batch (-> channels-last) -> ``train_step`` (autocast, fused Adam, no host sync); and
+    ``validate`` on a validation set of 4 batches. The process settings (``speed``) stay on for
+    the rest of the benchmark, as they are for a whole training run."""
     device = torch.device(device_name)
-    trainer = importlib.import_module("vaelab.trainer")
     cfg = run_config(net, [*overrides, f"train.device={device.type}", f"train.batch_size={batch}"])
     splits = synthetic_splits(NETS[net][0], 8 * batch, 4 * batch)
-    session = trainer._session(cfg, splits)
+    SETTINGS.enter_context(speed.process_settings(cfg.train))
+    session = trainer.setup(cfg, splits)
     source = batch_source(splits.train, device)
     order = torch.randperm(len(splits.train)).view(-1, batch)
     if device.type == "cuda":
@@ -360,12 +364,10 @@ def vaelab_contender(
     def step() -> None:
         i = next(counter)
         x = source.batch(order[i % len(order)], device)
-        if cfg.train.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        trainer._step(session, x, i, 10**9)
+        trainer.train_step(session, speed.inputs(x, cfg.train), session.context(i, 1), 10**9)
 
     def evaluate() -> None:
-        trainer.evaluate_split(session.model, splits.val, batch, device)
+        trainer.validate(session, 1, 0)
 
     return Contender(f"vaelab {label}", step, batch, evaluate, len(splits.val), session)
 

@@ -23,7 +23,7 @@ import vaelab
 from tests.conftest import tiny_splits
 from tests.hostile.conftest import TINY
 from vaelab import evaluate as ev
-from vaelab import models, rundir
+from vaelab import metrics, models, rundir
 from vaelab.checkpoint import CheckpointError, load, load_train_state, read_metrics
 from vaelab.config import ConfigError, load_config
 from vaelab.report import draw, figures, html
@@ -410,7 +410,7 @@ def test_the_progress_counts_importance_samples_chunk_by_chunk(run, monkeypatch,
     model = load(run)
     val = draw.run_split(run)
     monkeypatch.setattr(ev.progress_bars, "bar", _Bar)
-    monkeypatch.setattr(ev, "MAX_ELEMENTS", 784 * 100 * 3)  # chunks of 3 samples per batch
+    monkeypatch.setattr(metrics, "MAX_ELEMENTS", 784 * 100 * 3)  # chunks of 3 samples per batch
     monkeypatch.setattr(ev.progress_bars, "interactive", lambda: False)
     with caplog.at_level(logging.INFO, logger="vaelab"):
         ev.evaluate_model(model, val, iw_samples=10, progress=True)

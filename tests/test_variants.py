@@ -8,9 +8,8 @@ import torch
 from tests.conftest import posterior_draw, tiny_config
 from vaelab import losses
 from vaelab.models import build
+from vaelab.models.base import StepContext
 from vaelab.models.beta_vae_capacity import capacity
-from vaelab.models.sigma_vae import optimal_sigma2
-from vaelab.trainer import kl_anneal
 
 SHAPE = (1, 8, 8)
 
@@ -33,10 +32,9 @@ def test_capacity_schedule_step_by_step():
 def test_capacity_penalty_is_gamma_times_distance_to_c(step):
     model = make("model.name=beta_vae_capacity", "model.gamma=7", "model.capacity_max=3",
                  "model.capacity_steps=100")  # fmt: skip
-    model.step = step
     kl_dims = (torch.rand(6, 2) * 3).requires_grad_()
     c = 3 * min(1, step / 100)
-    penalty = model.kl_penalty(kl_dims)
+    penalty = model.kl_penalty(kl_dims, StepContext(step=step))
     kl = kl_dims.sum(-1)
     assert penalty.mean().item() == pytest.approx(7 * abs(kl.mean().item() - c), rel=1e-5)
     penalty.mean().backward()
@@ -45,27 +43,53 @@ def test_capacity_penalty_is_gamma_times_distance_to_c(step):
     torch.testing.assert_close(kl_dims.grad, torch.full_like(kl_dims, expected))
 
 
-def test_sigma_vae_uses_the_closed_form_optimal_variance():
-    model = make("model.name=sigma_vae").eval()
+def gaussian_nll(x, mean, sigma2):
+    """-log N(x; mean, sigma2 I) per row, written out independently of vaelab."""
+    k = x[0].numel()
+    return ((x - mean) ** 2).flatten(1).sum(1) / (2 * sigma2) + 0.5 * k * math.log(
+        2 * math.pi * sigma2
+    )
+
+
+def test_sigma_vae_trains_with_the_closed_form_optimal_variance():
+    model = make("model.name=sigma_vae").train()
     x = torch.rand(5, *SHAPE)
     logits = torch.randn(3, 5, *SHAPE)
     recon, nll = model.recon_terms(x, logits)
     mean = torch.sigmoid(logits)
     sse = ((x - mean) ** 2).flatten(2).sum(2)  # (m, B)
-    sigma2 = sse.mean() / 64
-    assert optimal_sigma2(sse, 64, 1e-6).item() == pytest.approx(sigma2.item())
-    expected = losses.gaussian_nll(
-        x.expand(3, *x.shape).flatten(0, 1), mean.flatten(0, 1), sigma2.item()
-    ).view(3, 5)
-    torch.testing.assert_close(nll, expected)
+    sigma2 = sse.mean().item() / 64
+    flat_x, flat_mean = x.expand(3, *x.shape).flatten(0, 1), mean.flatten(0, 1)
+    torch.testing.assert_close(nll, gaussian_nll(flat_x, flat_mean, sigma2).view(3, 5))
     # It is the optimum: any other shared variance gives a larger total NLL.
     total = nll.sum().item()
     for factor in (0.5, 0.9, 1.1, 2.0):
-        other = losses.gaussian_nll(
-            x.expand(3, *x.shape).flatten(0, 1), mean.flatten(0, 1), factor * sigma2.item()
-        )
-        assert other.sum().item() > total
+        assert gaussian_nll(flat_x, flat_mean, factor * sigma2).sum().item() > total
     assert torch.allclose(recon, nll - 32 * math.log(2 * math.pi))
+    # The first training batch sets the model's variance; later ones move it by MOMENTUM.
+    assert model.likelihood.sigma2.item() == pytest.approx(sigma2)
+    model.recon_terms(x, torch.zeros_like(logits))  # every mean 1/2
+    batch = ((x - 0.5) ** 2).sum().item() / (5 * 64)
+    assert model.likelihood.sigma2.item() == pytest.approx(0.9 * sigma2 + 0.1 * batch)
+
+
+def test_sigma_vae_evaluates_one_fixed_variance_whatever_the_batch():
+    model = make("model.name=sigma_vae").train()
+    x = torch.rand(6, *SHAPE)
+    model.recon_terms(x, torch.randn(1, 6, *SHAPE))  # fits the variance
+    fitted = model.likelihood.sigma2.item()
+    model.eval()
+    logits = torch.randn(2, 6, *SHAPE)
+    whole = model.recon_terms(x, logits)[1]
+    parts = torch.cat(
+        [model.recon_terms(x[i : i + 2], logits[:, i : i + 2])[1] for i in (0, 2, 4)], 1
+    )
+    torch.testing.assert_close(whole, parts)  # per image: no batch statistic in evaluation
+    flat_x = x.expand(2, *x.shape).flatten(0, 1)
+    expected = gaussian_nll(flat_x, torch.sigmoid(logits).flatten(0, 1), fitted).view(2, 6)
+    torch.testing.assert_close(whole, expected)
+    assert model.likelihood.sigma2.item() == fitted  # evaluation does not move it
+    assert "likelihood.sigma2" in model.state_dict()  # saved with the weights
 
 
 def test_iwae_with_one_sample_is_the_elbo():
@@ -113,16 +137,20 @@ def test_free_bits_and_warmup_reach_the_loss():
     model = make("model.free_bits=100").eval()
     torch.manual_seed(1)
     out = model(x)
-    torch.testing.assert_close(out.loss, out.recon + 100 * 2)  # both dimensions below 100 nats
-    model.kl_anneal = 0.0
+    recon = out.terms["recon"]
+    torch.testing.assert_close(out.loss, recon + 100 * 2)  # both dimensions below 100 nats
     torch.manual_seed(1)
-    torch.testing.assert_close(model(x).loss, out.recon)  # no KL weight at the start of warm-up
+    start = StepContext(step=0, kl_warmup_steps=10)
+    torch.testing.assert_close(model(x, start).loss, recon)  # no KL weight at warm-up's start
+    torch.manual_seed(1)
+    half = StepContext(step=5, kl_warmup_steps=10)
+    torch.testing.assert_close(model(x, half).loss, recon + 0.5 * 100 * 2)
 
 
 def test_kl_warmup_schedule():
-    tc = tiny_config("train.kl_warmup_steps=10").train
-    assert [kl_anneal(tc, s) for s in (0, 5, 10, 20)] == [0.0, 0.5, 1.0, 1.0]
-    assert kl_anneal(tiny_config().train, 0) == 1.0
+    assert [losses.kl_warmup(s, 10) for s in (0, 5, 10, 20)] == [0.0, 0.5, 1.0, 1.0]
+    assert losses.kl_warmup(0, 0) == 1.0
+    assert [StepContext(step=s, kl_warmup_steps=4).kl_anneal for s in (0, 1, 4)] == [0, 0.25, 1]
 
 
 def test_iwae_loss_is_the_log_mean_exp_of_the_weights():
@@ -138,22 +166,22 @@ def test_iwae_loss_is_the_log_mean_exp_of_the_weights():
     assert (out.loss < -log_w.mean(0)).all()  # tighter than the mean of the weights (Jensen)
 
 
-def test_trainer_hands_the_step_and_warmup_to_the_model(tmp_path, splits, monkeypatch):
+def test_trainer_hands_the_step_context_to_the_model(tmp_path, splits, monkeypatch):
     from vaelab import train
     from vaelab.models.vae import VAE
 
     seen = []
     original = VAE.forward
 
-    def forward(self, x):
+    def forward(self, x, ctx=None):
         if self.training:
-            seen.append((self.step, self.kl_anneal))
-        return original(self, x)
+            seen.append((ctx.step, ctx.epoch, ctx.kl_anneal))
+        return original(self, x, ctx)
 
     monkeypatch.setattr(VAE, "forward", forward)
     cfg = tiny_config("train.epochs=1", "train.kl_warmup_steps=4")
     train(cfg, tmp_path / "run", splits=splits)
-    assert seen == [(0, 0.0), (1, 0.25), (2, 0.5), (3, 0.75)]
+    assert seen == [(0, 1, 0.0), (1, 1, 0.25), (2, 1, 0.5), (3, 1, 0.75)]
 
 
 @pytest.mark.parametrize(

@@ -44,7 +44,7 @@ OVERVIEW_TITLE = (
 )
 
 
-SUMMARY, OVERVIEW, REPORT = "summary.json", "overview.png", "report.html"
+SUMMARY, OVERVIEW, REPORT = rundir.SUMMARY, "overview.png", "report.html"
 
 
 def check_demo_folder(out: str | Path) -> Path:
@@ -93,7 +93,9 @@ def write_figures(
     run_dir = Path(run_dir)
     model = load(run_dir)
     name = model.cfg.name
-    paths = {k: run_dir / "figures" / f"{k}.png" for k in ("curves", "reconstructions", "samples")}
+    paths = {
+        k: run_dir / rundir.FIGURES / f"{k}.png" for k in ("curves", "reconstructions", "samples")
+    }
     plot_curves(read_metrics(run_dir), paths["curves"], title=f"{name}: per-image terms (nats)")
     pairs, caption = pictures.reconstructions(model, val)
     save_grid(pairs, paths["reconstructions"], title=f"{name}: {caption}", group=2)
@@ -140,12 +142,12 @@ def _run_demo(out: Path, epochs: int, progress: bool, iw_samples: int) -> dict[s
             "diversity_ratio": ev["diversity_ratio"],
             "val_loss": val["loss"],
             "val_recon": val["recon"],
-            "val_kl": val["kl"],
+            "val_kl": val.get("kl"),
             "val_elbo_nats": val["elbo_nats"],
             "val_bpd": val["bpd"],
             "iw_nll_nats": ev["iw_nll_nats"],
-            "elbo_gap_nats": ev["elbo_gap_nats"],
-            "active_units": ev["active_units"],
+            "elbo_gap_nats": ev.get("elbo_gap_nats"),
+            "active_units": ev.get("active_units"),
             "iw_samples": iw_samples,
             "epochs": val["epoch"],
             "train_seconds": val["seconds"],

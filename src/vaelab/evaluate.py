@@ -1,8 +1,11 @@
 """Metrics of a trained model on a split: every number the derivation talks about.
 
-``evaluate(run)`` writes ``RUN/eval/<split>.json``. All values are per image unless said:
+``evaluate(run)`` writes ``RUN/eval/<split>.json``: every metric of ``vaelab.metrics`` in the
+pass validation runs (same code, same noise), so the last val row of metrics.jsonl and
+eval/val.json agree on every key they share. All values are per image unless said:
 
-- ``elbo_nats``, ``bpd``, ``recon``, ``kl``: the training terms, in eval mode;
+- ``loss``, ``elbo_nats``, ``bpd`` and every term the model names (``recon``, ``kl``, ...),
+  in eval mode;
 - ``iw_nll_nats``: -log p(x) estimated by importance sampling with K samples from q(z|x)
   (Burda et al. 2016): log p(x) ~= logmeanexp_k [log p(x|z_k) + log p(z_k) - log q(z_k|x)].
   For a model without an encoder the proposal is the prior (K samples of z ~ p(z));
@@ -20,7 +23,6 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,20 +30,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from vaelab import data, rundir
+from vaelab import data, metrics, rundir
 from vaelab import progress as progress_bars
-from vaelab.checkpoint import atomic_write, load, run_config
+from vaelab.checkpoint import atomic_write, load, run_config, weights_metadata
 from vaelab.config import ConfigError
 from vaelab.data import ImageDataset
-from vaelab.models.base import GenerativeModel
+from vaelab.models.base import GenerativeModel, StepContext
 from vaelab.rng import seeded
 
 log = logging.getLogger(__name__)
 
-EVAL_SEED = 0
-ACTIVE_THRESHOLD = 0.01
-# Decoder outputs held at once by the importance sampler: chunks of K keep memory bounded.
-MAX_ELEMENTS = 2**20
+EVAL_SEED = metrics.SEED
 # Training points of the beta-VAE and FactorVAE classifiers (half as many evaluation points):
 # the defaults of vaelab.disentanglement; each point encodes a batch of 64 generated images.
 FACTOR_POINTS = 1000
@@ -81,32 +80,17 @@ def check_iw_samples(k: Any) -> int:
     return k
 
 
-@torch.no_grad()
-def importance_log_likelihood(
-    model: GenerativeModel, x: Tensor, k: int, on_chunk: Callable[[int], object] | None = None
-) -> Tensor:
-    """log p(x) estimated with k importance samples, (B,), in chunks of bounded memory;
-    ``on_chunk(n)`` after each chunk, with n its images x samples (for a progress bar)."""
-    chunk = max(1, min(k, MAX_ELEMENTS // (x.shape[0] * model.num_dims)))
-    parts = []
-    for start in range(0, k, chunk):
-        size = min(chunk, k - start)
-        parts.append(torch.logsumexp(model.log_weights(x, size), dim=0))
-        if on_chunk is not None:
-            on_chunk(size * x.shape[0])
-    return torch.logsumexp(torch.stack(parts), dim=0) - math.log(k)
-
-
-@torch.no_grad()
 def evaluate_model(
     model: GenerativeModel,
     dataset: ImageDataset,
     iw_samples: int = 1000,
-    batch_size: int = 100,
-    seed: int = EVAL_SEED,
+    ctx: StepContext | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """The metrics of ``model`` on ``dataset`` (see the module docstring).
+    """The metrics of ``model`` on ``dataset`` (see the module docstring): every registered
+    metric in one pass (``metrics.evaluation_pass``, the pass validation runs), then the
+    diversity of samples. ``ctx``: the step context the loss is computed under (the
+    checkpoint's; default: no warm-up).
 
     The progress bar (on a terminal) counts importance samples, images x K, so it shows the
     rate and the time left even when one batch takes minutes; elsewhere one line says what is
@@ -114,14 +98,6 @@ def evaluate_model(
     """
     check_iw_samples(iw_samples)
     start = time.perf_counter()
-    model.eval()
-    device = next(model.parameters()).device
-    totals: dict[str, float] = {}
-    kl_dims, means = [], []
-
-    def add(name: str, t: Tensor) -> None:
-        totals[name] = totals.get(name, 0.0) + t.double().sum().item()
-
     n = len(dataset)
     if progress and not progress_bars.interactive():
         log.info(
@@ -131,49 +107,15 @@ def evaluate_model(
     bar = progress_bars.bar(
         n * iw_samples, "evaluating", progress, unit="sample", unit_scale=True, leave=False
     )
-    with seeded(seed):
-        for i in range(0, n, batch_size):
-            x = dataset.batch(slice(i, i + batch_size), device)
-            out = model(x)
-            add("elbo_nats", out.elbo)
-            add("recon", out.recon)
-            add("log_px", importance_log_likelihood(model, x, iw_samples, bar.update))
-            if model.has_encoder:
-                q = model.encode(x)
-                kl_dims.append(q.kl_per_dim().double().sum(0).cpu())
-                means.append(q.mu.double().cpu())
-                mse = (model.decode(q.mu) - x).square().flatten(1).mean(1)
-                add("mse", mse)
-                add("psnr", -10.0 * torch.log10(mse.clamp_min(1e-10)))
-                add("kl", out.kl)
-    bar.close()
-    elbo, log_px = totals["elbo_nats"] / n, totals["log_px"] / n
-    result: dict[str, Any] = {
-        "elbo_nats": elbo,
-        "bpd": model.bits_per_dim(elbo),
-        "recon": totals["recon"] / n,
-        "kl": None,
-        "iw_nll_nats": -log_px,
-        "iw_bpd": model.bits_per_dim(log_px),
-        "iw_samples": iw_samples,
-        "elbo_gap_nats": None,
-        "kl_per_dim": None,
-        "active_units": None,
-        "diversity_ratio": diversity_ratio(model, dataset, seed=seed),
-        "mse_per_pixel": None,
-        "psnr": None,
-        "num_images": n,
-    }
-    if model.has_encoder:
-        mu = torch.cat(means)
-        result.update(
-            kl=totals["kl"] / n,
-            elbo_gap_nats=log_px - elbo,
-            kl_per_dim=(torch.stack(kl_dims).sum(0) / n).tolist(),
-            active_units=int((mu.var(0, unbiased=False) > ACTIVE_THRESHOLD).sum()),
-            mse_per_pixel=totals["mse"] / n,
-            psnr=totals["psnr"] / n,
+    try:
+        result = metrics.evaluation_pass(
+            model, dataset, list(metrics.METRICS), ctx, iw_samples=iw_samples, on_samples=bar.update
         )
+    finally:
+        bar.close()
+    result["iw_samples"] = iw_samples
+    result["diversity_ratio"] = diversity_ratio(model, dataset, seed=metrics.SEED)
+    result["num_images"] = n
     result["seconds"] = round(time.perf_counter() - start, 3)
     return result
 
@@ -235,12 +177,16 @@ def evaluate(
             raise rundir.RunDirError(f"cannot write '{out}': it is a folder")
     model = load(run_dir)
     cfg = run_config(run_dir)
+    step = weights_metadata(run_dir).get("step", 0)
+    ctx = StepContext(
+        step=step if isinstance(step, int) else 0, kl_warmup_steps=cfg.train.kl_warmup_steps
+    )
     if splits is None:
         splits = data.build(cfg.data, progress=progress)
     dataset = {"val": splits.val, "test": splits.test}.get(split)
     if dataset is None:
         raise data.DataError(f"split '{split}': this data source has no {split} split")
-    result = {"split": split, **evaluate_model(model, dataset, iw_samples, progress=progress)}
+    result = {"split": split, **evaluate_model(model, dataset, iw_samples, ctx, progress)}
     if model.has_encoder and dataset.factors is not None and cfg.data.name in data.GENERATORS:
         start = time.perf_counter()
         result.update(disentanglement_metrics(model, dataset, cfg.data.name))

@@ -32,15 +32,6 @@ def squared_error(x: Tensor, mean: Tensor) -> Tensor:
     return _per_image((x - mean).square())
 
 
-def gaussian_nll(x: Tensor, mean: Tensor, sigma2: float = 0.5) -> Tensor:
-    """-log N(x; mean, sigma2 * I) in nats, constants included: (B, ...) -> (B,).
-
-    With sigma2 = 1/2 this is ||x - mean||^2 + K/2 * log(pi): the derivation's squared error plus
-    a constant that matters for likelihoods but not for gradients.
-    """
-    return squared_error(x, mean) / (2.0 * sigma2) + gaussian_nll_constant(x[0].numel(), sigma2)
-
-
 def gaussian_nll_constant(num_dims: int, sigma2: float) -> float:
     """The part of -log N(x; mean, sigma2 * I) that does not depend on x: K/2 * log(2 pi sigma2)."""
     return 0.5 * num_dims * (LOG_2PI + math.log(sigma2))
@@ -106,10 +97,19 @@ def iw_bound(log_w: Tensor) -> Tensor:
     return log_mean_exp(log_w, dim=0)
 
 
-def bits_per_dim(elbo_nats: float, num_dims: int) -> float:
-    """Bits per dimension of 8-bit data from a log-likelihood (bound) of x scaled to [0, 1].
+def bits_per_dim(log_px_nats: float, num_dims: int) -> float:
+    """Bits per dimension of 8-bit data from a log-likelihood (or bound) of x scaled to [0, 1].
 
-    A density on [0, 1]^K becomes one on [0, 256]^K by dividing by 256^K, so
-    bpd = (-log p(x) / K + ln 256) / ln 2 (uniform dequantisation, as in DESIGN.md).
+    Pixels are k/255: each value stands for a bin of width 1/255, whose probability is the
+    density times 1/255 per dimension (up to the density's curvature over the bin), so
+    bpd = (-log p(x) / K + ln 255) / ln 2 (docs/science.md).
     """
-    return (-elbo_nats / num_dims + math.log(256.0)) / math.log(2.0)
+    return (-log_px_nats / num_dims + math.log(255.0)) / math.log(2.0)
+
+
+def kl_warmup(step: int, warmup_steps: int) -> float:
+    """The KL weight at optimizer step ``step``: 0 -> 1 linearly over ``warmup_steps``
+    (train.kl_warmup_steps; Bowman et al. 2016, Sonderby et al. 2016), then 1; 0 steps: 1."""
+    if warmup_steps <= 0:
+        return 1.0
+    return min(1.0, step / warmup_steps)

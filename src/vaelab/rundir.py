@@ -53,7 +53,8 @@ _TEMPORARIES = (
     (FIGURES, r"(curves|reconstructions|samples)\.png"),
 )
 # Files of the folders vaelab manages besides runs (a sweep's, the demo's): never an --out.
-COLLECTION_FILES = ("sweep.json", "summary.json")
+SWEEP, SUMMARY = "sweep.json", "summary.json"
+COLLECTION_FILES = (SWEEP, SUMMARY)
 # Marks written into vaelab's own PNG and HTML outputs, so a rerun may replace them.
 PNG_MARK = b"tEXtSoftware\x00vaelab"
 HTML_MARK = '<meta name="generator" content="vaelab">'

@@ -24,7 +24,7 @@ from vaelab import data, rundir
 from vaelab.config import ConfigError, RunConfig, load_config
 from vaelab.trainer import resume, train
 
-SWEEP_FILE = "sweep.json"
+SWEEP_FILE = rundir.SWEEP
 MAX_NAME = 120  # characters of a run's folder name, before its hash
 
 

@@ -1,26 +1,26 @@
 """The trainer: any registered model, checkpoints every epoch, exact resume.
 
-The module is ``vaelab.trainer``; ``vaelab.train`` and ``vaelab.resume`` are its two entry points.
-
-Read top to bottom: ``train`` starts a run, ``resume`` continues one, both hand over to ``_fit``,
-which runs epochs of (shuffle, step, validate, write). The loop only reads the model's named
-per-image terms, so it never changes when a variant is added.
+The module is ``vaelab.trainer``; ``vaelab.train`` and ``vaelab.resume`` are its two entry
+points. Read top to bottom: ``train`` starts a run and ``resume`` continues one; ``setup`` makes
+what a run trains with (device, data, model, optimizer, the speed options of ``vaelab.speed``);
+``fit`` runs epochs of (shuffle, ``train_step`` for each batch, validate, save). The loop reads
+only the model's ``ModelOutput`` (its loss and named terms), so it never changes when a variant
+is added; the model reads the step from a ``StepContext``.
 
 Reproducibility: the shuffle of epoch e depends only on (train.seed, e), and the model's noise
 comes from torch's global generator, whose state is saved with every checkpoint. Validation runs
-under its own fixed seed, so it neither consumes training randomness nor wobbles between epochs.
-A resumed run therefore ends with bit-for-bit the weights of an uninterrupted one.
+the evaluation pass of ``vaelab.metrics`` under its own fixed seed, so it neither consumes
+training randomness nor wobbles between epochs, and it gives the numbers ``vaelab evaluate``
+gives. A resumed run therefore ends with bit-for-bit the weights of an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import hashlib
 import json
 import math
 import shutil
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from vaelab import data, distributed, models, progress, rundir
+from vaelab import data, distributed, metrics, models, progress, rundir, speed
 from vaelab.checkpoint import (
     CheckpointError,
     atomic_write,
@@ -48,12 +48,10 @@ from vaelab.config import ConfigError, RunConfig, TrainConfig, dump_yaml, to_dic
 from vaelab.data import DataError, ImageDataset, Splits
 from vaelab.data.base import DeviceImages, batch_source, log
 from vaelab.distributed import World
-from vaelab.models.base import GenerativeModel
-from vaelab.nets.fast import speed_up
+from vaelab.models.base import GenerativeModel, ModelOutput, StepContext
 from vaelab.rng import noise_shard, seeded
 
 EpochCallback = Callable[[int, list[dict[str, Any]]], None]
-VAL_SEED = 1234  # the noise used in validation: fixed, so epochs compare like for like
 FINGERPRINT_CHUNK = 8192  # images hashed at a time by data_fingerprint
 # Keys that may change when a run is continued: how it runs, not what it learns. The data's
 # location may change too: its pixels are checked against the run's fingerprint.
@@ -80,104 +78,32 @@ class TrainingDiverged(RuntimeError):
     """The loss or the weights became NaN or infinite; the message says where."""
 
 
-class _Board:
-    """Optional TensorBoard logging (train.tensorboard=true): the metrics rows as scalars, and
-    samples and reconstructions as images, once per epoch. Event files are TensorBoard's own
-    append-only logs; on resume, events after the checkpoint's step are purged."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.writer: Any = None
-        self.writer_class: Any = None
-        if enabled:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise ConfigError(
-                    "config key 'train.tensorboard': needs the tensorboard package "
-                    "(pip install 'vaelab[tensorboard]')"
-                ) from None
-            self.writer_class = SummaryWriter
-
-    def open(self, run: Path, step: int) -> None:
-        if self.writer_class is not None:
-            self.writer = self.writer_class(str(run / "tensorboard"), purge_step=step or None)
-
-    @torch.no_grad()
-    def epoch(self, rows: list[dict[str, Any]], model: GenerativeModel, val: ImageDataset) -> None:
-        if self.writer is None:
-            return
-        for row in rows:
-            for key in (*TERMS, "bpd"):
-                if row[key] is not None:
-                    self.writer.add_scalar(f"{key}/{row['split']}", row[key], row["step"])
-        model.eval()
-        with seeded(0):
-            self.writer.add_images("samples", model.sample(16).cpu(), rows[-1]["step"])
-            if model.has_encoder:
-                x = val.batch(slice(0, 8), next(model.parameters()).device)
-                pairs = torch.cat([x, model.reconstruct(x)]).cpu()
-                self.writer.add_images("val images, then reconstructions", pairs, rows[-1]["step"])
-        self.writer.flush()
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-
 @dataclass
-class _Session:
-    """What a run trains with, all made before anything is written."""
+class Session:
+    """What a run trains with, all made before anything is written (``setup``)."""
 
     cfg: RunConfig
     splits: Splits
     device: torch.device
     world: World
     model: GenerativeModel  # the model itself: what is saved and evaluated
-    forward: Callable[[torch.Tensor], models.ModelOutput]  # DDP / compiled wrapper, or model
+    forward: speed.Forward  # the model (or its DDP wrapper) as the speed options run it
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     board: _Board
-    eager: Callable[[torch.Tensor], models.ModelOutput]  # ``forward`` without torch.compile
-    compile_pending: bool  # train.compile is on and the first (compiling) step has not run
-    cuda_graphs: bool = False  # the compiled forward and backward replay as CUDA graphs
+
+    def context(self, step: int, epoch: int) -> StepContext:
+        """The step context the model's forward pass reads."""
+        return StepContext(step, epoch, self.cfg.train.kl_warmup_steps)
 
 
-def cache_cpu_memory() -> bool:
-    """Make this process keep the memory it frees, for its next allocations, from now until it
-    exits; return whether the C library took the setting (glibc does; elsewhere nothing
-    changes, and an allocator loaded with LD_PRELOAD does its own caching anyway).
-
-    glibc hands every block of 32 MiB or more (a CelebA-64 activation at batch 64 in fp32 is
-    33.5 MB) straight to the OS with mmap and unmaps it when freed, so each step faults every
-    page of those tensors in again: the plain fp32 loop spends about 40% of its time there
-    (benchmarks/throughput.py). With mmap off and trimming raised, freed memory stays in the
-    heap and is reused, as PyTorch's CUDA caching allocator does on GPUs. The cost: the
-    process's resident memory stays at its peak until it exits.
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_max = -1, -4  # glibc's <malloc.h>
-    # Trimming first: if that is refused, mmap stays on and nothing has changed.
-    return bool(mallopt(m_trim_threshold, 2**31 - 1)) and bool(mallopt(m_mmap_max, 0))
-
-
-def _session(cfg: RunConfig, splits: Splits | None) -> _Session:
-    """Device, process group, data, model and optimizer: everything that can fail on bad input."""
+def setup(cfg: RunConfig, splits: Splits | None = None) -> Session:
+    """Device, process group, data, model and optimizer: everything that can fail on bad input.
+    The process-wide settings of ``speed.process_settings`` are the caller's (``train`` and
+    ``resume`` hold them while they train)."""
     tc = cfg.train
-    if tc.threads:
-        torch.set_num_threads(tc.threads)
     world = distributed.from_environment()
     device = _device(tc.device, world)
-    if device.type == "cuda":
-        # Every step has the same shapes (the last partial batch is dropped), so cuDNN's
-        # one-off search for the fastest convolution algorithms pays for itself at once.
-        torch.backends.cudnn.benchmark = True
-    if device.type == "cpu" and tc.cpu_memory_cache:
-        cache_cpu_memory()
     if tc.batch_size % world.size:
         raise ConfigError(
             f"config key 'train.batch_size': the global batch is split over {world.size} "
@@ -186,13 +112,7 @@ def _session(cfg: RunConfig, splits: Splits | None) -> _Session:
     if tc.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ConfigError(f"config key 'train.precision': bf16 is not supported on {device}")
     board = _Board(tc.tensorboard and world.is_main)
-    if tc.kl_warmup_steps and not models.MODELS[cfg.model.name].supports_kl_warmup:
-        raise ConfigError(
-            f"config key 'train.kl_warmup_steps': expected 0 for model '{cfg.model.name}' "
-            "(its objective has no KL weight to warm up)"
-        )
-    if world.distributed:
-        _check_splittable(cfg)
+    models.MODELS[cfg.model.name].check_run(cfg, world.size)
     distributed.init(world, device)
     if splits is None:
         # Rank 0 first: it fills the preprocessing cache (shared file system). Then the first
@@ -215,41 +135,19 @@ def _session(cfg: RunConfig, splits: Splits | None) -> _Session:
     width = 8 if tc.precision == "fp64" else 4
     models.check_size(cfg.model, splits.train.shape, True, device, bytes_per_value=width)
     model = models.build(cfg.model, splits.train.shape).to(device)
-    if tc.fast_layers and device.type == "cpu":  # the fast paths are CPU ones
-        speed_up(model)
     if tc.precision == "fp64":
         model = model.double()
-    if tc.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    forward: Any = model
+    model = speed.prepare(model, tc, device)
+    module: Any = model
     if world.distributed:
         distributed.sync_batchnorm(model, device)
-        forward = DistributedDataParallel(
+        module = DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    eager = forward
-    graphs = tc.compile and device.type == "cuda" and not world.distributed
-    if tc.compile:
-        # On a GPU the step is launch-bound (a few hundred small kernels; the GPU idles between
-        # them): "reduce-overhead" replays the compiled forward and backward as CUDA graphs.
-        # Not under DistributedDataParallel, whose gradient all-reduce runs between the graphs.
-        forward = torch.compile(forward, mode="reduce-overhead" if graphs else None)
     optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr, fused=tc.fused_adam or None)
     scaler = torch.amp.GradScaler(device.type, enabled=tc.precision == "fp16")
-    return _Session(
-        cfg,
-        splits,
-        device,
-        world,
-        model,
-        forward,
-        optimizer,
-        scaler,
-        board,
-        eager,
-        tc.compile,
-        graphs,
-    )
+    forward = speed.Forward(module, tc, device, world.distributed)
+    return Session(cfg, splits, device, world, model, forward, optimizer, scaler, board)
 
 
 def train(
@@ -267,7 +165,14 @@ def train(
     retried. Under torchrun every process calls this; only rank 0 writes.
     """
     run = rundir.check_new_run(out)
-    session = _session(cfg, splits)
+    with speed.process_settings(cfg.train):
+        return _train_new(run, cfg, splits, on_epoch_end)
+
+
+def _train_new(
+    run: Path, cfg: RunConfig, splits: Splits | None, on_epoch_end: EpochCallback | None
+) -> Path:
+    session = setup(cfg, splits)
     recorded = _recording(cfg, session.splits) if session.world.is_main else {}
     distributed.barrier(session.world)  # every rank has checked `out` before rank 0 writes it
     lock = None
@@ -286,7 +191,7 @@ def train(
             _remove_unfinished(run, created, lock)
             raise
     try:
-        return _fit(run, session, {"epoch": 0, "step": 0, "seconds": 0.0}, [], on_epoch_end)
+        return fit(run, session, {"epoch": 0, "step": 0, "seconds": 0.0}, [], on_epoch_end)
     except BaseException:
         if lock is not None and not rundir.has_checkpoint(run):
             _remove_unfinished(run, created, lock)
@@ -343,20 +248,27 @@ def resume(
     world = distributed.from_environment()
     lock = rundir.lock(run, what="training") if world.is_main else None
     try:
-        cfg, counters, rows, session = _reopen(run, overrides or [], splits, accept_changes)
-        if world.is_main:
-            rundir.remove_stale_temporaries(run)
-            if overrides:
-                atomic_write(run / rundir.CONFIG, dump_yaml(cfg))
-        return _fit(run, session, counters, rows, on_epoch_end)
+        with contextlib.ExitStack() as settings:
+            cfg, counters, rows, session = _reopen(
+                run, overrides or [], splits, accept_changes, settings
+            )
+            if world.is_main:
+                rundir.remove_stale_temporaries(run)
+                if overrides:
+                    atomic_write(run / rundir.CONFIG, dump_yaml(cfg))
+            return fit(run, session, counters, rows, on_epoch_end)
     finally:
         if lock is not None:
             lock.release()
 
 
 def _reopen(
-    run: Path, overrides: list[str], splits: Splits | None, accept_changes: bool
-) -> tuple[RunConfig, dict[str, Any], list[dict[str, Any]], _Session]:
+    run: Path,
+    overrides: list[str],
+    splits: Splits | None,
+    accept_changes: bool,
+    settings: contextlib.ExitStack,
+) -> tuple[RunConfig, dict[str, Any], list[dict[str, Any]], Session]:
     """What ``resume`` continues from: the config, counters, metrics rows and session, each
     checked against what the run recorded when it began."""
     state = run / rundir.STATE
@@ -379,7 +291,8 @@ def _reopen(
     recorded = _recorded(run)
     if started:
         _check_unchanged(run, cfg, recorded, accept_changes)
-    session = _session(cfg, splits)
+    settings.enter_context(speed.process_settings(cfg.train))
+    session = setup(cfg, splits)
     if started:
         _check_same_data(run, session.splits, recorded, accept_changes)
         if accept_changes and session.world.is_main:
@@ -486,22 +399,6 @@ def data_fingerprint(splits: Splits) -> dict[str, Any]:
     return {"train": len(splits.train), "val": len(splits.val), "digest": digest.hexdigest()}
 
 
-def _check_splittable(cfg: RunConfig) -> None:
-    """Refuse what would not train the same model on several processes as on one."""
-    why = models.MODELS[cfg.model.name].batch_statistic
-    if why:
-        raise ConfigError(
-            f"config key 'model.name': {cfg.model.name} cannot be split over torchrun "
-            f"processes ({why}, which each process would compute on its share); train it in "
-            "one process"
-        )
-    if cfg.model.free_bits > 0:
-        raise ConfigError(
-            "config key 'model.free_bits': free bits use the batch-mean KL per dimension, which "
-            "each torchrun process would compute on its share; expected 0 under torchrun"
-        )
-
-
 def _device(name: str, world: World) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -512,6 +409,208 @@ def _device(name: str, world: World) -> torch.device:
         torch.cuda.set_device(device)
         return device
     return torch.device(name)
+
+
+def fit(
+    run: Path,
+    session: Session,
+    counters: dict[str, Any],
+    rows: list[dict[str, Any]],
+    on_epoch_end: EpochCallback | None = None,
+) -> Path:
+    """Train ``session`` from ``counters`` (epoch, step, seconds) to train.epochs, writing a
+    checkpoint into ``run`` after every epoch (rank 0). ``rows``: the metrics so far."""
+    cfg, world, tc = session.cfg, session.world, session.cfg.train
+    if counters["epoch"] >= tc.epochs:
+        if world.is_main:
+            print(f"{run}: already trained for {counters['epoch']} of {tc.epochs} epochs")
+        return run
+    if world.is_main:
+        log.info(f"{cfg.model.name}: {', '.join(speed.applied(tc, session.device))}")
+        session.board.open(run, counters["step"])
+    try:
+        for epoch in range(counters["epoch"] + 1, tc.epochs + 1):
+            start = time.perf_counter()
+            train_row = _train_epoch(run, session, epoch, counters)
+            counters["seconds"] += time.perf_counter() - start
+            start = time.perf_counter()
+            val_row = validate(session, epoch, counters["step"])
+            counters["seconds"] += time.perf_counter() - start
+            if not math.isfinite(val_row["loss"]):  # finite weights, too large a forward pass
+                raise _diverged(
+                    f"the validation loss became {val_row['loss']} after epoch {epoch}",
+                    run,
+                    epoch - 1,
+                )
+            counters["epoch"] = epoch
+            rows += [_row("train", counters, train_row), _row("val", counters, val_row)]
+            if world.is_main:
+                _save(run, session, counters, rows)
+                if tc.progress:
+                    print(_epoch_line(cfg.model.name, epoch, tc.epochs, rows[-2:]), flush=True)
+                if on_epoch_end is not None:
+                    on_epoch_end(epoch, rows[-2:])
+    finally:
+        session.board.close()
+    distributed.barrier(world)  # no rank leaves before rank 0 has written the last epoch
+    return run
+
+
+def _train_epoch(
+    run: Path, session: Session, epoch: int, counters: dict[str, Any]
+) -> dict[str, Any]:
+    """One epoch of steps over a fresh shuffle; the per-image means of the terms (all ranks)."""
+    cfg, world, device, tc = session.cfg, session.world, session.device, session.cfg.train
+    train_set = session.splits.train
+    # The global batch; every rank computes rows rank::world of it (batch_size divides evenly,
+    # and under torchrun there are at least batch_size images: see setup). The last partial
+    # batch is dropped: every step sees the same batch size (batch-norm statistics from a
+    # handful of images are noise), and every image is seen within two epochs.
+    batch_size = min(tc.batch_size, len(train_set))
+    steps = len(train_set) // batch_size
+    order = np.random.default_rng([tc.seed, epoch]).permutation(len(train_set))
+    order = order[: steps * batch_size].reshape(steps, batch_size)
+    mine = torch.from_numpy(order[:, world.rank :: world.size].copy())
+    source = batch_source(train_set, device)
+    if isinstance(source, DeviceImages):
+        mine = mine.to(device)
+    dtype = torch.float64 if tc.precision == "fp64" else torch.float32
+    session.model.train()
+    sums = metrics.Sums()
+    show = tc.progress and world.is_main
+    bar = progress.bar(steps, f"{cfg.model.name} epoch {epoch}/{tc.epochs}", show,
+                       leave=False, dynamic_ncols=True)  # fmt: skip
+    seen, window_start = torch.zeros((), device=device, dtype=torch.float64), 0
+    for i in range(steps):
+        x = source.batch(mine[i], device).to(dtype)
+        with noise_shard(world.rank, world.size, batch_size):
+            if cfg.data.flip:
+                x = data.random_hflip(x)
+            ctx = session.context(counters["step"], epoch)
+            out = train_step(session, speed.inputs(x, tc), ctx, tc.epochs * steps)
+        counters["step"] += 1
+        sums.add(metrics.output_terms(out), out.loss.shape[0])
+        bar.update(1)
+        if (i + 1) % tc.log_every == 0 or i + 1 == steps:
+            # The only host-device synchronisation of the loop: every log_every steps.
+            total = sums.total("loss")
+            n = (i + 1 - window_start) * batch_size
+            value = distributed.all_sum(total - seen, world).item() / n
+            if not math.isfinite(value):
+                bar.close()
+                first = counters["step"] - (i - window_start)
+                where = (
+                    f"step {first}"
+                    if first == counters["step"]
+                    else f"between steps {first} and {counters['step']}"
+                )
+                raise _diverged(f"loss became {value} at epoch {epoch}, {where}", run, epoch - 1)
+            bar.set_postfix(loss=f"{value:.2f}", refresh=False)
+            seen, window_start = total, i + 1
+    bar.close()
+    # A finite loss can still come with non-finite gradients; such weights are never saved.
+    if not _all_finite(session.model):
+        raise _diverged(
+            f"the weights became non-finite in epoch {epoch} (by step {counters['step']})",
+            run,
+            epoch - 1,
+        )
+    return metrics.finish(sums.means(world), session.model)
+
+
+def train_step(
+    session: Session, x: torch.Tensor, ctx: StepContext, total_steps: int
+) -> ModelOutput:
+    """One optimizer step on batch ``x``: forward, the mean loss backward (scaled for fp16),
+    Adam. No host-device synchronisation. With train.compile the first step compiles
+    (``speed.Forward.guard`` falls back to eager if that fails)."""
+    for group in session.optimizer.param_groups:
+        group["lr"] = learning_rate(session.cfg.train, ctx.step, total_steps)
+
+    def step() -> ModelOutput:
+        out = session.forward(x, ctx)
+        session.optimizer.zero_grad(set_to_none=True)
+        session.scaler.scale(out.loss.mean()).backward()
+        session.scaler.step(session.optimizer)
+        session.scaler.update()
+        return out
+
+    return session.forward.guard(step, session.model)
+
+
+def validate(session: Session, epoch: int, step: int) -> dict[str, Any]:
+    """The per-image means of the model's terms on the validation split: the evaluation pass of
+    ``vaelab metrics`` (metric "terms"), the one ``vaelab evaluate`` runs."""
+    ctx = session.context(step, epoch)
+    return metrics.evaluation_pass(
+        session.model, session.splits.val, ["terms"], ctx, world=session.world
+    )
+
+
+def _save(
+    run: Path, session: Session, counters: dict[str, Any], rows: list[dict[str, Any]]
+) -> None:
+    """Rank 0's writes at the end of an epoch. Metrics first, state last: a crash in between
+    leaves extra rows that resume drops, never a checkpoint whose metrics are missing. A write
+    that fails says which checkpoint is intact."""
+    model, epoch = session.model, counters["epoch"]
+    try:
+        atomic_write(run / rundir.METRICS, "".join(json.dumps(r) + "\n" for r in rows))
+        save_weights(run, model, {"epoch": epoch, "step": counters["step"]})
+        state = dict(counters)
+        if session.scaler.is_enabled():
+            state["grad_scaler"] = session.scaler.state_dict()
+        save_train_state(run, model, session.optimizer, state)
+    except rundir.RunDirError as err:  # a full disk, a folder made read-only
+        if epoch == 1:  # no whole checkpoint exists: keep no half of one either
+            (run / rundir.WEIGHTS).unlink(missing_ok=True)
+            raise rundir.RunDirError(
+                f"{err}; no epoch had been saved, so nothing of it was kept: make "
+                "room, then run the same command again"
+            ) from None
+        raise rundir.RunDirError(
+            f"{err}; the last checkpoint in '{run}' (epoch {epoch - 1}) is intact: "
+            f"make room, then `vaelab train --resume {run}`"
+        ) from None
+    session.board.epoch(rows[-2:], model, session.splits.val)
+
+
+def learning_rate(tc: TrainConfig, step: int, total_steps: int) -> float:
+    """The learning rate for optimizer step ``step`` (0-based): a function of the step alone,
+    so resume needs no scheduler state."""
+    if tc.lr_schedule == "cosine":
+        return tc.lr * 0.5 * (1.0 + math.cos(math.pi * min(step / total_steps, 1.0)))
+    return tc.lr
+
+
+# -- helpers -----------------------------------------------------------------------------------
+def _row(split: str, counters: dict[str, Any], means: dict[str, Any]) -> dict[str, Any]:
+    """One metrics.jsonl row: split, epoch, step, loss, the model's terms, elbo_nats, bpd,
+    seconds."""
+    return {
+        "split": split,
+        "epoch": counters["epoch"],
+        "step": counters["step"],
+        **means,
+        "seconds": round(counters["seconds"], 3),
+    }
+
+
+def _epoch_line(name: str, epoch: int, epochs: int, rows: list[dict[str, Any]]) -> str:
+    train, val = rows
+    shown = " ".join(
+        f"{k} {v:.3f}" if k == "bpd" else f"{k} {v:.2f}"
+        for k, v in val.items()
+        if k not in ("split", "epoch", "step", "seconds", "loss") and _number(v)
+    )
+    return (
+        f"{name} epoch {epoch}/{epochs}: train loss {train['loss']:.2f} | val loss "
+        f"{val['loss']:.2f} {shown}"
+    )
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _diverged(what: str, run: Path, last_epoch: int) -> TrainingDiverged:
@@ -529,314 +628,45 @@ def _all_finite(module: torch.nn.Module) -> bool:
     )
 
 
-def _fit(
-    run: Path,
-    session: _Session,
-    counters: dict[str, Any],
-    rows: list[dict[str, Any]],
-    on_epoch_end: EpochCallback | None,
-) -> Path:
-    cfg, model, device, world = session.cfg, session.model, session.device, session.world
-    train_set, tc = session.splits.train, cfg.train
-    if counters["epoch"] >= tc.epochs:
-        if world.is_main:
-            print(f"{run}: already trained for {counters['epoch']} of {tc.epochs} epochs")
-        return run
+class _Board:
+    """Optional TensorBoard logging (train.tensorboard=true): the metrics rows as scalars, and
+    samples and reconstructions as images, once per epoch. Event files are TensorBoard's own
+    append-only logs; on resume, events after the checkpoint's step are purged."""
 
-    n_train = len(train_set)
-    # The global batch; every rank computes rows rank::world of it (batch_size divides evenly,
-    # and under torchrun there are at least batch_size images: see _session).
-    batch_size = min(tc.batch_size, n_train)
-    # Drop the last partial batch: every step sees the same batch size (batch-norm statistics
-    # from a handful of images are noise), and every image is seen within two epochs.
-    steps_per_epoch = n_train // batch_size
-    total_steps = tc.epochs * steps_per_epoch
-    source = batch_source(train_set, device)
-    show = tc.progress and world.is_main
-    dtype = torch.float64 if tc.precision == "fp64" else torch.float32
-    if world.is_main:
-        session.board.open(run, counters["step"])
-    try:
-        for epoch in range(counters["epoch"] + 1, tc.epochs + 1):
-            start = time.perf_counter()
-            model.train()
-            order = np.random.default_rng([tc.seed, epoch]).permutation(n_train)
-            order = order[: steps_per_epoch * batch_size].reshape(steps_per_epoch, batch_size)
-            mine = torch.from_numpy(order[:, world.rank :: world.size].copy())
-            if isinstance(source, DeviceImages):
-                mine = mine.to(device)
-            sums = _Sums()
-            bar = progress.bar(
-                steps_per_epoch,
-                f"{cfg.model.name} epoch {epoch}/{tc.epochs}",
-                show,
-                leave=False,
-                dynamic_ncols=True,
-            )
-            seen, window_start = torch.zeros((), device=device, dtype=torch.float64), 0
-            for i in range(steps_per_epoch):
-                step = counters["step"]
-                x = source.batch(mine[i], device).to(dtype)
-                with noise_shard(world.rank, world.size, batch_size):
-                    if cfg.data.flip:
-                        x = data.random_hflip(x)
-                    if tc.channels_last:
-                        x = x.contiguous(memory_format=torch.channels_last)
-                    out = _step(session, x, step, total_steps)
-                counters["step"] += 1
-                sums.add(out)
-                bar.update(1)
-                if (i + 1) % tc.log_every == 0 or i + 1 == steps_per_epoch:
-                    # The only host-device synchronisation of the loop: every log_every steps.
-                    n = (i + 1 - window_start) * batch_size
-                    total = sums.loss_total()
-                    value = distributed.all_sum(total - seen, world).item() / n
-                    if not math.isfinite(value):
-                        bar.close()
-                        first = counters["step"] - (i - window_start)
-                        where = (
-                            f"step {first}"
-                            if first == counters["step"]
-                            else f"between steps {first} and {counters['step']}"
-                        )
-                        raise _diverged(
-                            f"loss became {value} at epoch {epoch}, {where}", run, epoch - 1
-                        )
-                    bar.set_postfix(loss=f"{value:.2f}", refresh=False)
-                    seen, window_start = total, i + 1
-            bar.close()
-            # A finite loss can still come with non-finite gradients; such weights are never saved.
-            if not _all_finite(model):
-                raise _diverged(
-                    f"the weights became non-finite in epoch {epoch} (by step {counters['step']})",
-                    run,
-                    epoch - 1,
-                )
-            counters["seconds"] += time.perf_counter() - start
-            train_row = _row("train", epoch, counters, sums.means(world), model)
-            start = time.perf_counter()
-            val_means = evaluate_split(model, session.splits.val, batch_size, device, world=world)
-            counters["seconds"] += time.perf_counter() - start
-            if not math.isfinite(val_means["loss"] or 0.0):
-                # Finite weights can still be too large for a finite forward pass.
-                raise _diverged(
-                    f"the validation loss became {val_means['loss']} after epoch {epoch}",
-                    run,
-                    epoch - 1,
-                )
-            val_row = _row("val", epoch, counters, val_means, model)
-            counters["epoch"] = epoch
-            rows += [train_row, val_row]
-            if world.is_main:
-                try:
-                    _write_epoch(run, session, counters, rows)
-                except rundir.RunDirError as err:  # a full disk, a folder made read-only
-                    if epoch == 1:  # no whole checkpoint exists: keep no half of one either
-                        (run / rundir.WEIGHTS).unlink(missing_ok=True)
-                        raise rundir.RunDirError(
-                            f"{err}; no epoch had been saved, so nothing of it was kept: make "
-                            "room, then run the same command again"
-                        ) from None
-                    raise rundir.RunDirError(
-                        f"{err}; the last checkpoint in '{run}' (epoch {epoch - 1}) is intact: "
-                        f"make room, then `vaelab train --resume {run}`"
-                    ) from None
-                if show:
-                    print(
-                        _epoch_line(cfg.model.name, epoch, tc.epochs, train_row, val_row),
-                        flush=True,
-                    )
-                if on_epoch_end is not None:
-                    on_epoch_end(epoch, [train_row, val_row])
-    finally:
-        session.board.close()
-    distributed.barrier(world)  # no rank leaves before rank 0 has written the last epoch
-    return run
+    def __init__(self, enabled: bool) -> None:
+        self.writer: Any = None
+        self.writer_class: Any = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ConfigError(
+                    "config key 'train.tensorboard': needs the tensorboard package "
+                    "(pip install 'vaelab[tensorboard]')"
+                ) from None
+            self.writer_class = SummaryWriter
 
+    def open(self, run: Path, step: int) -> None:
+        if self.writer_class is not None:
+            self.writer = self.writer_class(str(run / rundir.TENSORBOARD), purge_step=step or None)
 
-def _step(session: _Session, x: torch.Tensor, step: int, total_steps: int) -> models.ModelOutput:
-    """One optimizer step on batch ``x``: forward under autocast, the mean loss backward (scaled
-    for fp16), Adam. No host-device synchronisation. With train.compile the first step compiles;
-    if compiling fails, the step is redone without it and training goes on, with a message."""
-    tc, model, optimizer = session.cfg.train, session.model, session.optimizer
-    model.step = step
-    model.kl_anneal = kl_anneal(tc, step)
-    for group in optimizer.param_groups:
-        group["lr"] = learning_rate(tc, step, total_steps)
-    compiling = session.compile_pending
-    rng = _rng_states(session.device) if compiling else None
-    # A compile can fail part-way through a forward: keep what that would change (batch-norm
-    # statistics) to put it back.
-    buffers = {k: b.clone() for k, b in model.named_buffers()} if compiling else {}
-    try:
-        if session.cuda_graphs:
-            torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are consumed
-        with _autocast(tc.precision, session.device):
-            out = session.forward(x)
-        optimizer.zero_grad(set_to_none=True)
-        session.scaler.scale(out.loss.mean()).backward()
-    except Exception as err:  # torch.compile fails in many ways (no C++ compiler, an op)
-        if not compiling:
-            raise
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        print(f"train.compile: torch.compile failed ({type(err).__name__}: {first}); "
-              "training without it")  # fmt: skip
-        session.forward, session.compile_pending, session.cuda_graphs = session.eager, False, False
-        _set_rng_states(session.device, rng)
-        with torch.no_grad():
-            for k, b in model.named_buffers():
-                b.copy_(buffers[k])
-        return _step(session, x, step, total_steps)
-    session.compile_pending = False
-    session.scaler.step(optimizer)
-    session.scaler.update()
-    return out
+    @torch.no_grad()
+    def epoch(self, rows: list[dict[str, Any]], model: GenerativeModel, val: ImageDataset) -> None:
+        if self.writer is None:
+            return
+        for row in rows:
+            for key, value in row.items():
+                if key not in ("split", "epoch", "step", "seconds") and _number(value):
+                    self.writer.add_scalar(f"{key}/{row['split']}", value, row["step"])
+        model.eval()
+        with seeded(0):
+            self.writer.add_images("samples", model.sample(16).cpu(), rows[-1]["step"])
+            if model.has_encoder:
+                x = val.batch(slice(0, 8), next(model.parameters()).device)
+                pairs = torch.cat([x, model.reconstruct(x)]).cpu()
+                self.writer.add_images("val images, then reconstructions", pairs, rows[-1]["step"])
+        self.writer.flush()
 
-
-def _rng_states(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return torch.get_rng_state(), cuda
-
-
-def _set_rng_states(device: torch.device, states: Any) -> None:
-    torch.set_rng_state(states[0])
-    if states[1] is not None:
-        torch.cuda.set_rng_state(states[1], device)
-
-
-def _write_epoch(
-    run: Path, session: _Session, counters: dict[str, Any], rows: list[dict[str, Any]]
-) -> None:
-    """Rank 0's writes at the end of an epoch. Metrics first, state last: a crash in between
-    leaves extra rows that resume drops, never a checkpoint whose metrics are missing."""
-    model, epoch = session.model, counters["epoch"]
-    atomic_write(run / rundir.METRICS, "".join(json.dumps(r) + "\n" for r in rows))
-    save_weights(run, model, {"epoch": epoch, "step": counters["step"]})
-    state = dict(counters)
-    if session.scaler.is_enabled():
-        state["grad_scaler"] = session.scaler.state_dict()
-    save_train_state(run, model, session.optimizer, state)
-    session.board.epoch(rows[-2:], model, session.splits.val)
-
-
-def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """Autocast for the networks' matmuls and convolutions in bf16 or fp16 (validation stays
-    fp32; the models cast logits and posterior parameters to fp32 before any loss term)."""
-    if precision in ("bf16", "fp16"):
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-        return torch.autocast(device.type, dtype=dtype)
-    return contextlib.nullcontext()
-
-
-def kl_anneal(tc: TrainConfig, step: int) -> float:
-    """The KL warm-up factor for optimizer step ``step``: 0 -> 1 linearly over
-    train.kl_warmup_steps (Bowman et al. 2016; Sonderby et al. 2016), then 1."""
-    if tc.kl_warmup_steps <= 0:
-        return 1.0
-    return min(1.0, step / tc.kl_warmup_steps)
-
-
-def learning_rate(tc: TrainConfig, step: int, total_steps: int) -> float:
-    """The learning rate for optimizer step ``step`` (0-based): a function of the step alone,
-    so resume needs no scheduler state."""
-    if tc.lr_schedule == "cosine":
-        return tc.lr * 0.5 * (1.0 + math.cos(math.pi * min(step / total_steps, 1.0)))
-    return tc.lr
-
-
-def _epoch_line(
-    name: str, epoch: int, epochs: int, train: dict[str, Any], val: dict[str, Any]
-) -> str:
-    return (
-        f"{name} epoch {epoch}/{epochs}: train loss {train['loss']:.2f} | val loss "
-        f"{val['loss']:.2f} recon {val['recon']:.2f} kl {_fmt(val['kl'])} elbo "
-        f"{val['elbo_nats']:.2f} nats ({val['bpd']:.3f} bpd)"
-    )
-
-
-def _fmt(v: float | None) -> str:
-    return "-" if v is None else f"{v:.2f}"
-
-
-TERMS = ("loss", "recon", "kl", "elbo_nats")
-
-
-class _Sums:
-    """Per-image sums of the named terms, kept as one float64 tensor on the device (a few
-    kernels per step, no synchronisation), read once per epoch."""
-
-    def __init__(self) -> None:
-        self.n = 0
-        self.names: list[str] = []
-        self.total: torch.Tensor | None = None
-
-    def add(self, out: models.ModelOutput) -> None:
-        terms = {"loss": out.loss, "recon": out.recon, "kl": out.kl, "elbo_nats": out.elbo}
-        if self.total is None:
-            self.names = [k for k, t in terms.items() if t is not None]
-        batch = torch.stack([terms[k].detach() for k in self.names]).double().sum(1)
-        self.total = batch if self.total is None else self.total + batch
-        self.n += out.loss.shape[0]
-
-    def loss_total(self) -> torch.Tensor:
-        """The sum of the loss so far (a 0-d tensor on the device)."""
-        assert self.total is not None
-        return self.total[0].clone()
-
-    def means(self, world: World | None = None) -> dict[str, float | None]:
-        """Per-image means over all ranks; None for a term the model does not have (kl of
-        decoder_only). One synchronisation."""
-        assert self.total is not None
-        n = torch.tensor([float(self.n)], dtype=torch.float64, device=self.total.device)
-        packed = distributed.all_sum(torch.cat([self.total, n]), world or World()).tolist()
-        sums = dict(zip(self.names, packed, strict=False))
-        return {k: sums[k] / packed[-1] if k in sums else None for k in TERMS}
-
-
-def _row(
-    split: str, epoch: int, counters: dict[str, Any], means: dict[str, Any], model: GenerativeModel
-) -> dict[str, Any]:
-    """One metrics.jsonl row, keys in the documented order; bpd derived from elbo_nats."""
-    elbo = means["elbo_nats"]
-    return {
-        "split": split,
-        "epoch": epoch,
-        "step": counters["step"],
-        **{k: means[k] for k in TERMS},
-        "bpd": None if elbo is None else model.bits_per_dim(elbo),
-        "seconds": round(counters["seconds"], 3),
-    }
-
-
-@torch.no_grad()
-def evaluate_split(
-    model: GenerativeModel,
-    dataset: ImageDataset,
-    batch_size: int,
-    device: str | torch.device = "cpu",
-    seed: int = VAL_SEED,
-    *,
-    world: World | None = None,
-) -> dict[str, float | None]:
-    """Per-image means of the model's terms over a whole split, in eval mode, seeded noise.
-
-    Under torchrun each rank computes rows rank::world of every batch (with that batch's noise,
-    as in one process) and the sums are added over ranks.
-    """
-    world = world or World()
-    dtype = next(model.parameters()).dtype  # fp64 for a train.precision=fp64 run, else fp32
-    was_training = model.training
-    model.eval()
-    sums = _Sums()
-    with seeded(seed):
-        for i in range(0, len(dataset), batch_size):
-            n = min(batch_size, len(dataset) - i)
-            mine = (
-                np.arange(i + world.rank, i + n, world.size)
-                if world.distributed
-                else slice(i, i + n)
-            )
-            with noise_shard(world.rank, world.size, n):
-                sums.add(model(dataset.batch(mine, device).to(dtype)))
-    model.train(was_training)
-    return sums.means(world)
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

@@ -1,7 +1,8 @@
-"""Model registry: each variant registers itself by name with its config class.
+"""Model registry: each variant registers itself by name, with its config class.
 
 ``build(cfg, shape)`` makes the model that ``cfg.name`` names. Adding a variant is one small
-file that subclasses a model, overrides a hook, and calls ``register``.
+file (in vaelab or in your own code) that subclasses ``GenerativeModel`` or ``VAE``, returns its
+terms from ``forward(x, ctx)``, and is decorated with ``@register(name)`` (docs/extending.md).
 """
 
 from __future__ import annotations
@@ -13,17 +14,23 @@ import torch
 
 from vaelab.config import MODEL_CONFIGS, ConfigError, ModelConfig
 from vaelab.machine import available_memory
-from vaelab.models.base import DiagonalGaussian, GenerativeModel, ModelOutput
+from vaelab.models.base import DiagonalGaussian, GenerativeModel, ModelOutput, StepContext
 
 MODELS: dict[str, type[GenerativeModel]] = {}
 M = TypeVar("M", bound=type[GenerativeModel])
 
 
-def register(name: str, config_class: type[ModelConfig]) -> Callable[[M], M]:
-    """Class decorator: make ``name`` buildable and let the config check its own fields."""
+def register(name: str, config_class: type[ModelConfig] = ModelConfig) -> Callable[[M], M]:
+    """Class decorator: make the model buildable as ``model.name=<name>``, configured by
+    ``config_class`` (a frozen dataclass subclassing ModelConfig, for a model with settings of
+    its own; its ``__post_init__`` checks them)."""
+    if not (isinstance(config_class, type) and issubclass(config_class, ModelConfig)):
+        raise TypeError(f"register('{name}'): the config class must subclass ModelConfig")
 
     def wrap(cls: M) -> M:
-        if name in MODELS:
+        if not (isinstance(cls, type) and issubclass(cls, GenerativeModel)):
+            raise TypeError(f"register('{name}'): expected a GenerativeModel subclass, got {cls!r}")
+        if name in MODELS and MODELS[name].__qualname__ != cls.__qualname__:
             raise ValueError(f"model '{name}' is registered twice")
         MODELS[name] = cls
         MODEL_CONFIGS[name] = config_class
@@ -112,12 +119,15 @@ from vaelab.models import (  # noqa: E402, F401
     sigma_vae,
     vae,
 )
+from vaelab.models.vae import VAE  # noqa: E402  (the base class of variants with an encoder)
 
 __all__ = [
     "MODELS",
+    "VAE",
     "DiagonalGaussian",
     "GenerativeModel",
     "ModelOutput",
+    "StepContext",
     "available_memory",
     "build",
     "build_meta",

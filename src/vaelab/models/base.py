@@ -1,39 +1,77 @@
-"""What every model shares: the posterior object, the output record, the decoder likelihood.
+"""What every model shares: the step context, the output record, the posterior, the decoder.
 
-A model's ``forward(x)`` returns a ``ModelOutput`` of per-image (B,) terms. The trainer only
-reads those terms, so a new variant never touches the training loop.
+The contract between a model, the trainer and evaluation (docs/extending.md):
+
+- ``forward(x, ctx)`` takes a batch and a ``StepContext`` (the optimizer step, the epoch, the
+  KL warm-up) and returns a ``ModelOutput``: the per-image training ``loss``, the ``elbo`` in
+  nats with every constant, and ``terms``, a dict of named per-image (B,) tensors. Every term is
+  logged in metrics.jsonl, drawn in curves.png, written to TensorBoard and shown in the report,
+  so a variant adds a term without an edit anywhere else.
+- The model never reads attributes that the trainer sets: what changes from step to step comes
+  in ``ctx``.
+- ``check_run(cfg, world_size)`` refuses run settings the model cannot honour (KL warm-up
+  without a KL weight, a batch statistic split over torchrun processes).
+- The decoder likelihood is an object (``vaelab.models.likelihoods``) and so is the posterior
+  (``DiagonalGaussian``); importance sampling and the report read only those interfaces.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from vaelab import losses
-from vaelab.config import ModelConfig
+from vaelab.config import ConfigError, ModelConfig, RunConfig
+from vaelab.models import likelihoods
 from vaelab.nets import build_decoder
 from vaelab.rng import batch_randn
+
+# Names a term may not take: the metrics row's own keys.
+RESERVED = frozenset({"split", "epoch", "step", "loss", "elbo_nats", "bpd", "seconds"})
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """What a forward pass may depend on besides the batch.
+
+    step: optimizer steps taken before this one (for schedules: KL warm-up, capacity);
+    epoch: the epoch being trained (1-based; 0 outside training);
+    kl_warmup_steps: train.kl_warmup_steps (0: no warm-up).
+    Evaluation passes the context of the checkpoint it scores, so its loss is the one the last
+    training step saw.
+    """
+
+    step: int = 0
+    epoch: int = 0
+    kl_warmup_steps: int = 0
+
+    @property
+    def kl_anneal(self) -> float:
+        """The KL warm-up factor for this step (losses.kl_warmup)."""
+        return losses.kl_warmup(self.step, self.kl_warmup_steps)
 
 
 @dataclass(frozen=True)
 class ModelOutput:
-    """Per-image terms, each of shape (B,). Averaging over the batch is the trainer's job.
+    """What a forward pass returns; every tensor is per image, shape (B,).
 
     loss:  the objective that training minimises (may weight terms, e.g. beta * kl).
-    recon: -log p(x|z) without its constant (the sum of squared errors for sigma2 = 1/2),
-           averaged over the m samples of z.
-    kl:    KL(q(z|x) || p(z)) in nats, or None for a model without an encoder.
     elbo:  a lower bound on log p(x) in nats with every constant included (for decoder_only,
            the Monte-Carlo estimate log 1/m sum_i p(x|z_i), a bound in expectation).
+    terms: named per-image terms, logged and drawn as they are: ``recon`` (-log p(x|z) without
+           its constant, averaged over the m samples of z), ``kl`` (KL(q(z|x) || p(z)) in nats)
+           and whatever a variant adds. Averaging over the batch is the caller's job.
+    posterior: q(z|x) of this batch (None without an encoder), so evaluation's metrics read the
+           encoding the forward pass made instead of encoding again.
     """
 
     loss: Tensor
-    recon: Tensor
-    kl: Tensor | None
     elbo: Tensor
+    terms: dict[str, Tensor] = field(default_factory=dict)
+    posterior: DiagonalGaussian | None = None
 
 
 class DiagonalGaussian:
@@ -69,23 +107,34 @@ class DiagonalGaussian:
 
 
 class GenerativeModel(nn.Module):
-    """A decoder p(x|z) under the prior p(z) = N(0, I). Subclasses add the objective."""
+    """A decoder p(x|z) under the prior p(z) = N(0, I). Subclasses define ``forward``.
+
+    Subclass ``VAE`` (vaelab.models.vae) for a model with a Gaussian encoder; register it with
+    ``vaelab.models.register(name)``.
+    """
 
     has_encoder: bool = False
-    supports_kl_warmup: bool = False  # whether train.kl_warmup_steps reaches the objective
-    # Whether the per-image terms depend on the rest of the batch (a statistic over the batch,
-    # e.g. sigma_vae's variance): such a model cannot be split over torchrun processes exactly.
-    batch_statistic: str | None = None
 
     def __init__(self, cfg: ModelConfig, shape: tuple[int, int, int]) -> None:
         super().__init__()
         self.cfg = cfg
         self.shape = tuple(shape)
         self.decoder = build_decoder(cfg, self.shape)
-        # Set by the trainer before each step: the optimizer step (for schedules such as the
-        # capacity of beta_vae_capacity) and the KL warm-up factor in [0, 1].
-        self.step = 0
-        self.kl_anneal = 1.0
+        self.likelihood = self.build_likelihood()
+
+    def build_likelihood(self) -> likelihoods.Likelihood:
+        """The decoder likelihood (model.likelihood, model.sigma2); a variant may return its own."""
+        return likelihoods.from_config(self.cfg.likelihood, self.cfg.sigma2)
+
+    @classmethod
+    def check_run(cls, cfg: RunConfig, world_size: int) -> None:
+        """Refuse (ConfigError) run settings this model cannot honour, before anything is built.
+        Base: train.kl_warmup_steps needs a model that weights a KL term."""
+        if cfg.train.kl_warmup_steps:
+            raise ConfigError(
+                f"config key 'train.kl_warmup_steps': expected 0 for model '{cfg.model.name}' "
+                "(its objective has no KL weight to warm up)"
+            )
 
     @property
     def num_dims(self) -> int:
@@ -94,33 +143,22 @@ class GenerativeModel(nn.Module):
     # -- decoder likelihood -------------------------------------------------------------
     def mean(self, logits: Tensor) -> Tensor:
         """The decoder's mean in [0, 1] from its logits."""
-        return torch.sigmoid(logits)
+        return self.likelihood.mean(logits)
 
     def recon_terms(self, x: Tensor, logits: Tensor) -> tuple[Tensor, Tensor]:
-        """(recon, nll) per image for x (B, C, H, W) and logits (m, B, C, H, W) -> (m, B) each.
+        """(recon, nll) per image for x (B, C, H, W) and logits (m, B, C, H, W) -> (m, B) each:
+        -log p(x|z) without its constant, and with it (nats)."""
+        return self.likelihood.terms(x, logits)
 
-        recon is -log p(x|z) without its constant, nll with it (nats).
-        """
-        m = logits.shape[0]
-        flat_logits = logits.flatten(0, 1)
-        flat_x = x.unsqueeze(0).expand_as(logits).flatten(0, 1)
-        if self.cfg.likelihood == "bernoulli":
-            nll = losses.bernoulli_nll(flat_x, flat_logits).view(m, -1)
-            return nll, nll
-        sigma2 = self.cfg.sigma2
-        recon = losses.squared_error(flat_x, self.mean(flat_logits)).view(m, -1) / (2.0 * sigma2)
-        return recon, recon + losses.gaussian_nll_constant(self.num_dims, sigma2)
+    def bits_per_dim(self, log_px_nats: float) -> float:
+        """Bits per dimension from a per-image log-likelihood (or bound) in nats: the
+        likelihood's own conversion (docs/science.md)."""
+        return self.likelihood.bits_per_dim(log_px_nats, self.num_dims)
 
-    def bits_per_dim(self, elbo_nats: float) -> float:
-        """Bits per dimension from a per-image log-likelihood (bound) in nats.
-
-        Gaussian: a density on [0, 1]^K, so 8-bit data adds ln 256 per dimension (DESIGN.md).
-        Bernoulli: a probability of binary pixels, so bits per binary pixel; only a likelihood
-        when the data are binary (data.binarize=true).
-        """
-        if self.cfg.likelihood == "bernoulli":
-            return -elbo_nats / (self.num_dims * math.log(2.0))
-        return losses.bits_per_dim(elbo_nats, self.num_dims)
+    def logged(self, batch: int) -> dict[str, Tensor]:
+        """Scalars of the model (e.g. a learned variance) as per-image (B,) terms, for
+        ``ModelOutput.terms``: logged and drawn like any other term."""
+        return {k: v.detach().float().expand(batch) for k, v in self.likelihood.logged().items()}
 
     # -- generation ---------------------------------------------------------------------
     def decode_logits(self, z: Tensor) -> Tensor:
@@ -144,17 +182,19 @@ class GenerativeModel(nn.Module):
     def encode(self, x: Tensor) -> DiagonalGaussian:
         raise NotImplementedError(f"model '{self.cfg.name}' has no encoder")
 
-    def log_weights(self, x: Tensor, k: int) -> Tensor:
+    def log_weights(self, x: Tensor, k: int, q: DiagonalGaussian | None = None) -> Tensor:
         """Importance log-weights log p(x|z_k) + log p(z_k) - log r(z_k|x) for k samples from a
         proposal r, (k, B); log p(x) ~= logmeanexp over k. Without an encoder the proposal is
-        the prior, so the weights are log p(x|z_k), z_k ~ p(z)."""
+        the prior, so the weights are log p(x|z_k), z_k ~ p(z). ``q``: the batch's posterior
+        if already computed (models with an encoder)."""
         z = torch.randn(k, x.shape[0], self.cfg.latent_dim, device=x.device, dtype=x.dtype)
-        return -self.recon_terms(x, self.decode_logits(z))[1]
+        return -self.likelihood.nll(x, self.decode_logits(z))
 
     @torch.no_grad()
     def reconstruct(self, x: Tensor) -> Tensor:
         """Decoder mean at the posterior mean: x (B, C, H, W) -> (B, C, H, W)."""
         return self.decode(self.encode(x).mode())
 
-    def forward(self, x: Tensor) -> ModelOutput:
+    def forward(self, x: Tensor, ctx: StepContext | None = None) -> ModelOutput:
+        """The batch's ``ModelOutput``; ``ctx`` None is evaluation's default context."""
         raise NotImplementedError

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from vaelab.config import ModelConfig, require, unused
+from vaelab.config import ConfigError, ModelConfig, RunConfig, require, unused
 from vaelab.models import register
+from vaelab.models.base import StepContext
 from vaelab.models.vae import VAE
 
 
@@ -42,10 +43,18 @@ def capacity(cfg: BetaVAECapacityConfig, step: int) -> float:
 
 @register("beta_vae_capacity", BetaVAECapacityConfig)
 class BetaVAECapacity(VAE):
-    batch_statistic = "its penalty uses the batch-mean KL"
+    @classmethod
+    def check_run(cls, cfg: RunConfig, world_size: int) -> None:
+        super().check_run(cfg, world_size)
+        if world_size > 1:
+            raise ConfigError(
+                "config key 'model.name': beta_vae_capacity cannot be split over torchrun "
+                "processes (its penalty uses the batch-mean KL, which each process would compute "
+                "on its share); train it in one process"
+            )
 
-    def kl_penalty(self, kl_dims: Tensor) -> Tensor:
+    def kl_penalty(self, kl_dims: Tensor, ctx: StepContext) -> Tensor:
         kl = kl_dims.sum(-1)  # (B,)
-        c = capacity(self.cfg, self.step)  # type: ignore[arg-type]
+        c = capacity(self.cfg, ctx.step)  # type: ignore[arg-type]
         sign = torch.sign(kl.mean() - c).detach()
-        return self.kl_anneal * self.cfg.gamma * sign * (kl - c)  # type: ignore[attr-defined]
+        return ctx.kl_anneal * self.cfg.gamma * sign * (kl - c)  # type: ignore[attr-defined]

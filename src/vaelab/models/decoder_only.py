@@ -14,7 +14,7 @@ from torch import Tensor
 from vaelab import losses
 from vaelab.config import ModelConfig, require, unused
 from vaelab.models import register
-from vaelab.models.base import GenerativeModel, ModelOutput
+from vaelab.models.base import GenerativeModel, ModelOutput, StepContext
 from vaelab.rng import batch_randn
 
 
@@ -44,14 +44,14 @@ class DecoderOnlyConfig(ModelConfig):
 
 @register("decoder_only", DecoderOnlyConfig)
 class DecoderOnly(GenerativeModel):
-    def forward(self, x: Tensor) -> ModelOutput:
+    def forward(self, x: Tensor, ctx: StepContext | None = None) -> ModelOutput:
         m, b = self.cfg.mc_samples, x.shape[0]
         z = batch_randn((m, b, self.cfg.latent_dim), 1, device=x.device, dtype=x.dtype)  # (m, B, d)
         logits = self.decode_logits(z)  # (m, B, C, H, W)
-        recon, nll = self.recon_terms(x, logits)  # (m, B) each
+        recon, nll = self.likelihood.terms(x, logits)  # (m, B) each
         log_px = losses.log_mean_exp(-nll, dim=0)  # (B,)
         if self.cfg.objective == "marginal":
             loss = -log_px
         else:  # recon is the squared error over 2 sigma2 (the config allows mse only if Gaussian)
             loss = recon.mean(0) * (2.0 * self.cfg.sigma2)
-        return ModelOutput(loss=loss, recon=recon.mean(0), kl=None, elbo=log_px)
+        return ModelOutput(loss=loss, elbo=log_px, terms={"recon": recon.mean(0)})

@@ -16,7 +16,7 @@ from torch import Tensor
 from vaelab import losses
 from vaelab.config import ModelConfig, unused
 from vaelab.models import register
-from vaelab.models.base import DiagonalGaussian
+from vaelab.models.base import DiagonalGaussian, GenerativeModel, StepContext
 from vaelab.models.vae import VAE
 
 
@@ -32,8 +32,10 @@ class IWAEConfig(ModelConfig):
 
 @register("iwae", IWAEConfig)
 class IWAE(VAE):
-    supports_kl_warmup = False
+    check_run = GenerativeModel.check_run  # no KL weight to warm up
 
-    def objective(self, q: DiagonalGaussian, z: Tensor, recon: Tensor, nll: Tensor) -> Tensor:
+    def objective(
+        self, q: DiagonalGaussian, z: Tensor, recon: Tensor, nll: Tensor, ctx: StepContext
+    ) -> Tensor:
         log_w = -nll + losses.standard_normal_log_prob(z) - q.log_prob(z)  # (K, B)
         return -losses.iw_bound(log_w)

@@ -1,4 +1,8 @@
-"""The VAE (Kingma & Welling 2014): Gaussian encoder, reparameterised z, closed-form KL."""
+"""The VAE (Kingma & Welling 2014): Gaussian encoder, reparameterised z, closed-form KL.
+
+``VAE`` is also the base class of the variants with an encoder: each overrides one hook
+(``kl_weight``, ``kl_penalty``, ``objective``, ``build_likelihood``) and adds its terms.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +11,12 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from vaelab import losses
-from vaelab.config import ModelConfig
+from vaelab.config import ConfigError, ModelConfig, RunConfig
 from vaelab.models import register
-from vaelab.models.base import DiagonalGaussian, GenerativeModel, ModelOutput
+from vaelab.models.base import DiagonalGaussian, GenerativeModel, ModelOutput, StepContext
 from vaelab.nets import build_encoder
+
+EVAL_CONTEXT = StepContext()
 
 
 @dataclass(frozen=True)
@@ -21,21 +27,31 @@ class VAEConfig(ModelConfig):
 @register("vae", VAEConfig)
 class VAE(GenerativeModel):
     has_encoder = True
-    supports_kl_warmup = True
 
     def __init__(self, cfg: ModelConfig, shape: tuple[int, int, int]) -> None:
         super().__init__(cfg, shape)
         self.encoder = build_encoder(cfg, self.shape, 2 * cfg.latent_dim)
 
+    @classmethod
+    def check_run(cls, cfg: RunConfig, world_size: int) -> None:
+        """KL warm-up applies (through ``kl_penalty``); free bits use the batch-mean KL per
+        dimension, which torchrun processes would each compute on their share."""
+        if world_size > 1 and cfg.model.free_bits > 0:
+            raise ConfigError(
+                "config key 'model.free_bits': free bits use the batch-mean KL per dimension, "
+                "which each torchrun process would compute on its share; expected 0 under "
+                "torchrun"
+            )
+
     def encode(self, x: Tensor) -> DiagonalGaussian:
         mu, logvar = losses.full_precision(self.encoder(x)).chunk(2, dim=-1)  # (B, d) each
         return DiagonalGaussian(mu, logvar)
 
-    def log_weights(self, x: Tensor, k: int) -> Tensor:
+    def log_weights(self, x: Tensor, k: int, q: DiagonalGaussian | None = None) -> Tensor:
         """log p(x|z_k) + log p(z_k) - log q(z_k|x), z_k ~ q(z|x): (k, B) (Burda et al. 2016)."""
-        q = self.encode(x)
+        q = self.encode(x) if q is None else q
         z = q.rsample(k)  # (k, B, d)
-        nll = self.recon_terms(x, self.decode_logits(z))[1]
+        nll = self.likelihood.nll(x, self.decode_logits(z))
         return -nll + losses.standard_normal_log_prob(z) - q.log_prob(z)
 
     # -- hooks: a variant overrides one of these ---------------------------------------------
@@ -43,30 +59,29 @@ class VAE(GenerativeModel):
         """The weight on KL in the training loss; 1 gives the ELBO (beta-VAE overrides it)."""
         return 1.0
 
-    def kl_penalty(self, kl_dims: Tensor) -> Tensor:
-        """The KL part of the training loss from the per-dimension KL (B, d) -> (B,).
-
-        Free bits (model.free_bits) and KL warm-up (train.kl_warmup_steps, through
-        ``self.kl_anneal``) apply here, so every variant that keeps this hook gets them.
-        """
+    def kl_penalty(self, kl_dims: Tensor, ctx: StepContext) -> Tensor:
+        """The KL part of the training loss from the per-dimension KL (B, d) -> (B,): free bits
+        (model.free_bits), then the weight, then KL warm-up (``ctx.kl_anneal``)."""
         kl = losses.free_bits_kl(kl_dims, self.cfg.free_bits)
-        return self.kl_anneal * self.kl_weight() * kl
+        return ctx.kl_anneal * self.kl_weight() * kl
 
-    def objective(self, q: DiagonalGaussian, z: Tensor, recon: Tensor, nll: Tensor) -> Tensor:
+    def objective(
+        self, q: DiagonalGaussian, z: Tensor, recon: Tensor, nll: Tensor, ctx: StepContext
+    ) -> Tensor:
         """The per-image training loss from the posterior, its samples z (m, B, d) and the
         reconstruction terms per sample (m, B). Default: recon + KL penalty (the ELBO's
         negative, up to a constant, when beta = 1)."""
-        return recon.mean(0) + self.kl_penalty(q.kl_per_dim())
+        return recon.mean(0) + self.kl_penalty(q.kl_per_dim(), ctx)
 
-    def forward(self, x: Tensor) -> ModelOutput:
+    def forward(self, x: Tensor, ctx: StepContext | None = None) -> ModelOutput:
+        ctx = EVAL_CONTEXT if ctx is None else ctx
         q = self.encode(x)
         z = q.rsample(self.cfg.mc_samples)  # (m, B, d)
-        logits = self.decode_logits(z)  # (m, B, C, H, W)
-        recon, nll = self.recon_terms(x, logits)  # (m, B) each
+        recon, nll = self.likelihood.terms(x, self.decode_logits(z))  # (m, B) each
         kl = q.kl()
         return ModelOutput(
-            loss=self.objective(q, z, recon, nll),
-            recon=recon.mean(0),
-            kl=kl,
+            loss=self.objective(q, z, recon, nll, ctx),
             elbo=-(nll.mean(0) + kl),
+            terms={"recon": recon.mean(0), "kl": kl, **self.logged(x.shape[0])},
+            posterior=q,
         )

@@ -14,11 +14,27 @@ from torch import Tensor
 
 from vaelab.checkpoint import atomic_write
 
+# The panels every run's curves have, with their titles; every other term a model logs in
+# metrics.jsonl gets a panel of its own, titled by its name.
 PANELS = (
     ("recon", "reconstruction: -log p(x|z) + const"),
     ("kl", "KL(q(z|x) || p(z))"),
     ("loss", "training loss"),
 )
+# metrics.jsonl keys that are not per-epoch terms (bounds and bookkeeping).
+NOT_TERMS = frozenset({"split", "epoch", "step", "seconds", "elbo_nats", "bpd"})
+
+
+def panels(rows: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
+    """The curves' panels for these metrics rows: PANELS, then each other numeric term in the
+    order the rows first name it."""
+    out, known = list(PANELS), {key for key, _ in PANELS} | NOT_TERMS
+    for row in rows:
+        for key, value in row.items():
+            if key not in known and isinstance(value, int | float) and not isinstance(value, bool):
+                out.append((key, key))
+                known.add(key)
+    return out
 
 
 # Grids larger than this many pixels a side are refused before drawing: the figure is about
@@ -41,13 +57,12 @@ def plot_curves(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "
 
 
 def curves_png(rows: Sequence[dict[str, Any]], title: str = "") -> bytes:
-    """Train and val curves per epoch; reconstruction, KL and loss in separate panels.
-
-    All values are per-image sums (nats), as logged in metrics.jsonl.
-    """
-    fig = Figure(figsize=(13, 3.6))
-    axes = fig.subplots(1, len(PANELS))
-    for ax, (key, label) in zip(axes, PANELS, strict=True):
+    """Train and val curves per epoch: reconstruction, KL, loss and every other term the model
+    logs, each in its own panel (``panels``), as logged in metrics.jsonl (per image)."""
+    shown_panels = panels(rows)
+    fig = Figure(figsize=(4.35 * len(shown_panels), 3.6))
+    axes = fig.subplots(1, len(shown_panels), squeeze=False)[0]
+    for ax, (key, label) in zip(axes, shown_panels, strict=True):
         shown = False
         for split, style in (("train", "o-"), ("val", "s--")):
             pts = [
@@ -67,7 +82,7 @@ def curves_png(rows: Sequence[dict[str, Any]], title: str = "") -> bytes:
             ax.set_yticks([])
         ax.set_title(label, fontsize=10)
         ax.set_xlabel("epoch")
-        ax.set_ylabel("nats per image")
+        ax.set_ylabel("nats per image" if key in dict(PANELS) else "per image")
         ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title)

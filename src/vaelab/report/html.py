@@ -19,7 +19,7 @@ from vaelab.checkpoint import CheckpointError, atomic_write, load, read_metrics,
 from vaelab.report import pictures
 from vaelab.report.figures import curves_png, grid_png, rate_distortion_png
 
-SWEEP_FILE = "sweep.json"
+SWEEP_FILE = rundir.SWEEP
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1400px; color: #222; }
@@ -38,6 +38,7 @@ img { max-width: 100%; image-rendering: pixelated; }
 # Evaluation keys shown in the table, in order, with how to read them.
 EVAL_KEYS = [
     ("elbo_nats", "ELBO (nats/image, higher is better)"),
+    ("loss", "training loss (eval mode, nats/image)"),
     ("iw_nll_nats", "IS negative log-likelihood (nats/image)"),
     ("elbo_gap_nats", "gap: IS log-likelihood - ELBO (nats)"),
     ("bpd", "bits/dim from the ELBO"),
@@ -57,6 +58,21 @@ EVAL_KEYS = [
     ("iw_samples", "importance samples K"),
     ("num_images", "images evaluated"),
 ]
+# Evaluation keys that are neither in EVAL_KEYS nor a model's own term.
+NOT_TERMS = {"split", "seconds", "disentanglement_seconds", "kl_per_dim", "mig_per_factor"}
+
+
+def _other_terms(evals: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """The terms a model adds (sigma2, tc, ...): numbers in eval/val.json that EVAL_KEYS does not
+    name, each shown under its own name."""
+    known = {key for key, _ in EVAL_KEYS} | NOT_TERMS
+    out: list[tuple[str, str]] = []
+    for e in evals:
+        for key, value in e.items():
+            if key not in known and _number(value):
+                out.append((key, f"{key} (a term of the model)"))
+                known.add(key)
+    return out
 
 
 def _img(png: bytes, alt: str) -> str:
@@ -171,7 +187,8 @@ def write_report(
 
     config_title, config_html = _config_table(names, configs)
     if any(evals):
-        rows = [[label, *(_fmt(e.get(key)) for e in evals)] for key, label in EVAL_KEYS]
+        keys = EVAL_KEYS + _other_terms(evals)
+        rows = [[label, *(_fmt(e.get(key)) for e in evals)] for key, label in keys]
         eval_html = _table(["metric (val, per image)", *names], rows)
     else:
         eval_html = '<p class="note">No run has been evaluated (vaelab evaluate RUN).</p>'

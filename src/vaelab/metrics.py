@@ -1,0 +1,236 @@
+"""One evaluation pass, shared by validation during training and by ``vaelab evaluate``.
+
+A metric is one function registered by name (``@metric("name")``). The pass runs the model once
+per batch, in eval mode, without gradients, and hands each metric a ``Batch``: the images, the
+model's output (its terms and its posterior q(z|x), so nothing encodes twice) and the options.
+A metric returns named per-image values, (B,) or (B, d); the pass sums them in float64 on the
+device and divides by the number of images once, at the end (``finish`` then derives bits per
+dimension, the gap and the active units from those means).
+
+The noise of batch b comes from seed + b, whatever ran before it, so validation (metric
+"terms") and evaluation (every metric) see the same z for the same image: the last val row of
+metrics.jsonl and eval/val.json agree on every key they share.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from vaelab import distributed
+from vaelab.data import ImageDataset
+from vaelab.distributed import World
+from vaelab.models.base import RESERVED, GenerativeModel, ModelOutput, StepContext
+from vaelab.rng import noise_shard, seeded
+
+SEED = 0  # the noise of the evaluation pass: fixed, so epochs and evaluations compare
+BATCH_SIZE = 100  # images per batch of the pass (the noise of an image depends on its batch)
+ACTIVE_THRESHOLD = 0.01  # an active unit: Cov_x(E_q[z_j]) above this (Burda et al. 2016)
+# Decoder outputs held at once by the importance sampler: chunks of K keep memory bounded.
+MAX_ELEMENTS = 2**20
+
+
+@dataclass
+class Batch:
+    """What a metric reads: the batch ``x``, the model's ``out`` for it, the model, and the
+    pass's options (importance samples, a progress callback)."""
+
+    x: Tensor
+    out: ModelOutput
+    model: GenerativeModel
+    iw_samples: int = 1
+    on_samples: Callable[[int], object] | None = None
+
+
+Metric = Callable[[Batch], dict[str, Tensor]]
+METRICS: dict[str, Metric] = {}
+
+
+def metric(name: str) -> Callable[[Metric], Metric]:
+    """Register a metric function under ``name`` (``vaelab evaluate`` runs every one)."""
+
+    def wrap(fn: Metric) -> Metric:
+        if name in METRICS:
+            raise ValueError(f"metric '{name}' is registered twice")
+        METRICS[name] = fn
+        return fn
+
+    return wrap
+
+
+def output_terms(out: ModelOutput) -> dict[str, Tensor]:
+    """The per-image values of a forward pass that a metrics row holds: the loss, the model's
+    named terms, the ELBO. Training rows and the "terms" metric both read them here."""
+    clash = RESERVED.intersection(out.terms)
+    if clash:
+        raise ValueError(
+            f"model term '{sorted(clash)[0]}' is reserved (a key of every metrics row: "
+            f"{', '.join(sorted(RESERVED))}); give the term another name"
+        )
+    return {"loss": out.loss, **out.terms, "elbo_nats": out.elbo}
+
+
+@metric("terms")
+def terms(b: Batch) -> dict[str, Tensor]:
+    """The training terms in eval mode: loss, every named term, the ELBO."""
+    return output_terms(b.out)
+
+
+@torch.no_grad()
+def importance_log_likelihood(
+    model: GenerativeModel,
+    x: Tensor,
+    k: int,
+    on_chunk: Callable[[int], object] | None = None,
+    q: Any = None,
+) -> Tensor:
+    """log p(x) estimated with k importance samples, (B,), in chunks of bounded memory (the
+    posterior ``q`` of x if already computed); ``on_chunk(n)`` after each chunk, with n its
+    images x samples (for a progress bar)."""
+    chunk = max(1, min(k, MAX_ELEMENTS // (x.shape[0] * model.num_dims)))
+    parts = []
+    for start in range(0, k, chunk):
+        size = min(chunk, k - start)
+        parts.append(torch.logsumexp(model.log_weights(x, size, q), dim=0))
+        if on_chunk is not None:
+            on_chunk(size * x.shape[0])
+    return torch.logsumexp(torch.stack(parts), dim=0) - math.log(k)
+
+
+@metric("importance")
+def importance(b: Batch) -> dict[str, Tensor]:
+    """log p(x) by importance sampling with K = iw_samples draws from q(z|x) (from the prior
+    without an encoder; Burda et al. 2016)."""
+    return {
+        "log_px": importance_log_likelihood(
+            b.model, b.x, b.iw_samples, b.on_samples, b.out.posterior
+        )
+    }
+
+
+@metric("posterior")
+def posterior(b: Batch) -> dict[str, Tensor]:
+    """KL per latent dimension, and the posterior means' first two moments (active units)."""
+    q = b.out.posterior
+    if q is None:
+        return {}
+    return {"kl_per_dim": q.kl_per_dim(), "mu": q.mu, "mu_squared": q.mu.square()}
+
+
+@metric("reconstruction")
+def reconstruction(b: Batch) -> dict[str, Tensor]:
+    """Mean squared error per pixel and PSNR (dB, data range 1) of the decoder's mean at the
+    posterior mean."""
+    q = b.out.posterior
+    if q is None:
+        return {}
+    mse = (b.model.decode(q.mode()) - b.x).square().flatten(1).mean(1)
+    return {"mse_per_pixel": mse, "psnr": -10.0 * torch.log10(mse.clamp_min(1e-10))}
+
+
+class Sums:
+    """Float64 sums of named per-image values, kept on the device (no synchronisation until
+    ``means``)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.values: dict[str, Tensor] = {}
+
+    def add(self, values: dict[str, Tensor], n: int) -> None:
+        """Add the per-image values of ``n`` images."""
+        for name, t in values.items():
+            s = t.detach().double().sum(0)
+            self.values[name] = self.values[name] + s if name in self.values else s
+        self.n += n
+
+    def total(self, name: str) -> Tensor:
+        """The running sum of one value (a device tensor; no synchronisation)."""
+        return self.values[name].clone()
+
+    def means(self, world: World | None = None) -> dict[str, Any]:
+        """Per-image means over all processes: floats, or lists for (B, d) values. One
+        synchronisation."""
+        names = list(self.values)
+        flat = [self.values[k].reshape(-1) for k in names]
+        device = flat[0].device if flat else "cpu"
+        n = torch.tensor([float(self.n)], dtype=torch.float64, device=device)
+        packed = distributed.all_sum(torch.cat([*flat, n]), world or World()).cpu()
+        count, out, i = packed[-1].item(), {}, 0
+        for name, t in zip(names, flat, strict=True):
+            part = packed[i : i + t.numel()] / count
+            out[name] = part.item() if self.values[name].dim() == 0 else part.tolist()
+            i += t.numel()
+        return out
+
+
+def finish(means: dict[str, Any], model: GenerativeModel) -> dict[str, Any]:
+    """The numbers a row or an evaluation reports, from the pass's means: bits per dimension
+    next to each log-likelihood, the gap, the active units."""
+    out = dict(means)
+    if "elbo_nats" in out:
+        i = list(out).index("elbo_nats") + 1
+        items = list(out.items())
+        items.insert(i, ("bpd", model.bits_per_dim(out["elbo_nats"])))
+        out = dict(items)
+    if "log_px" in out:
+        log_px = out.pop("log_px")
+        out["iw_nll_nats"] = -log_px
+        out["iw_bpd"] = model.bits_per_dim(log_px)
+        if model.has_encoder and "elbo_nats" in out:
+            out["elbo_gap_nats"] = log_px - out["elbo_nats"]
+    if "mu" in out:
+        mean, second = np.array(out.pop("mu")), np.array(out.pop("mu_squared"))
+        out["active_units"] = int((second - mean**2 > ACTIVE_THRESHOLD).sum())
+    return out
+
+
+@torch.no_grad()
+def evaluation_pass(
+    model: GenerativeModel,
+    dataset: ImageDataset,
+    names: Sequence[str] = ("terms",),
+    ctx: StepContext | None = None,
+    *,
+    iw_samples: int = 1,
+    on_samples: Callable[[int], object] | None = None,
+    world: World | None = None,
+) -> dict[str, Any]:
+    """Run the metrics ``names`` over ``dataset`` in batches of BATCH_SIZE; return their
+    per-image means, finished (``finish``).
+
+    Eval mode, no gradients, the model's own dtype (fp64 for a train.precision=fp64 run). Under
+    torchrun each process computes rows rank::world of every batch, with the noise that batch
+    has in one process, and the sums are added over processes.
+    """
+    world = world or World()
+    unknown = [n for n in names if n not in METRICS]
+    if unknown:
+        raise ValueError(f"unknown metric(s) {unknown} (known: {', '.join(METRICS)})")
+    param = next(model.parameters())
+    was_training = model.training
+    model.eval()
+    sums = Sums()
+    try:
+        with seeded(SEED):
+            for b, i in enumerate(range(0, len(dataset), BATCH_SIZE)):
+                torch.manual_seed(SEED + b)
+                n = min(BATCH_SIZE, len(dataset) - i)
+                rows = np.arange(i + world.rank, i + n, world.size) if world.distributed else None
+                x = dataset.batch(slice(i, i + n) if rows is None else rows, param.device)
+                x = x.to(param.dtype)
+                with noise_shard(world.rank, world.size, n):
+                    out = model(x, ctx)
+                    batch = Batch(x, out, model, iw_samples, on_samples)
+                    values: dict[str, Tensor] = {}
+                    for name in names:
+                        values.update(METRICS[name](batch))
+                    sums.add(values, x.shape[0])
+    finally:
+        model.train(was_training)
+    return finish(sums.means(world), model)
