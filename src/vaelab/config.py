@@ -14,10 +14,12 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import importlib.resources
 import math
 import re
 import typing
 from dataclasses import dataclass, field
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
@@ -389,7 +391,7 @@ def _yaml_problem(err: yaml.YAMLError) -> str:
     return "not valid YAML (" + " ".join(str(err).split()) + ")"
 
 
-def read_yaml(path: Path) -> Any:
+def read_yaml(path: Path | Traversable) -> Any:
     """The YAML document in the file ``path``, read with ``ConfigLoader``; a ConfigError naming
     the file for a file that is missing, a folder, unreadable, not UTF-8 text or not YAML."""
     if path.is_dir():
@@ -415,11 +417,71 @@ def read_yaml(path: Path) -> Any:
         raise ConfigError(f"config file '{path}': nested too deeply") from None
 
 
+# -- the shipped configs -----------------------------------------------------------------------
+# The example configs live in the package (vaelab/configs/NAME.yaml), so a plain `pip install`
+# has them: `vaelab train celeba_vae ...` works outside a checkout.
+SHIPPED_PACKAGE = "vaelab.configs"
+
+
+def shipped_configs() -> dict[str, Traversable]:
+    """The configs shipped with vaelab: name (the file's stem) -> its file, sorted by name."""
+    files = importlib.resources.files(SHIPPED_PACKAGE).iterdir()
+    found = {f.name.removesuffix(".yaml"): f for f in files if f.name.endswith(".yaml")}
+    return dict(sorted(found.items()))
+
+
+def shipped_description(name: str) -> str:
+    """A shipped config's one-line description: the first comment line of its file."""
+    for line in shipped_configs()[name].read_text(encoding="utf-8").splitlines():
+        if line.startswith("#"):
+            return line.lstrip("#").strip()
+    return ""
+
+
+def _bare_name(text: str) -> bool:
+    return not any(sep in text for sep in ("/", "\\")) and not text.endswith((".yaml", ".yml"))
+
+
+def is_shipped(path: str | Path) -> bool:
+    """Whether the config argument ``path`` selects a shipped config: a shipped name that is not
+    an existing file or folder (a file of that name wins)."""
+    text = str(path)
+    return _bare_name(text) and text in shipped_configs() and not Path(path).exists()
+
+
+def resolve_config(path: str | Path) -> Path | Traversable:
+    """The file a config argument names. An existing file (or folder, refused when read) wins;
+    otherwise a bare name (no '/', no '.yaml') is a shipped config, and an unknown name is a
+    ConfigError listing the shipped names. Anything else stays a path (read_yaml says it is
+    missing)."""
+    if Path(path).exists():
+        return Path(path)
+    text, shipped = str(path), shipped_configs()
+    if _bare_name(text):
+        if text in shipped:
+            return shipped[text]
+        raise ConfigError(
+            f"config '{text}': no such file, and not the name of a shipped config "
+            f"(shipped: {', '.join(shipped)}; `vaelab config --list` describes them)"
+        )
+    stem = Path(text).name.removesuffix(".yaml").removesuffix(".yml")
+    if stem in shipped:  # an old `configs/NAME.yaml` path from a checkout
+        raise ConfigError(
+            f"config file '{text}' not found (the example configs ship with vaelab: for that "
+            f"one, give its name, {stem})"
+        )
+    return Path(path)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Defaults, then the YAML file at ``path`` (if any), then ``key=value`` overrides."""
+    """Defaults, then the YAML file at ``path`` (if any), then ``key=value`` overrides.
+
+    ``path`` may also name a shipped config (``"celeba_vae"``, see ``shipped_configs``); an
+    existing file of that name wins.
+    """
     tree: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
+        path = resolve_config(path)
         loaded = read_yaml(path)
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file '{path}': expected a mapping of sections")
