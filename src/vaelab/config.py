@@ -32,12 +32,17 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class DataConfig:
-    name: str = "mnist5k"  # a registered data source (see vaelab.data)
-    root: str = ""  # the source's folder (celeba, folder, idx) or file (mnist5k: another CSV)
-    size: int = 0  # output height = width in pixels; 0: the source's own (64 for image folders)
-    crop: int = 0  # centre crop before resizing; 0: the source's (148 for celeba, else the
-    # centre square of the short side)
-    channels: int = 0  # 1 (grey) or 3 (RGB); 0: the source's own
+    # a registered data source: mnist5k | celeba | folder | idx | fashion_mnist | shapes
+    # (docs/data.md)
+    name: str = "mnist5k"
+    # the source's folder (celeba, folder, idx), or for mnist5k another CSV file (784 pixel
+    # columns 0-255, then the label)
+    root: str = ""
+    size: int = 0  # output height = width; 0: the source's own (28 for digits, 64 for folders)
+    # centre crop before resizing; 0: the source's (148 for celeba, else the centre square of
+    # the short side)
+    crop: int = 0
+    channels: int = 0  # 1 (grey) or 3 (RGB); 0: the source's own (3 for image folders)
     val_fraction: float = 0.1  # share held out for validation where a source has no split
     seed: int = 0  # seeds the train/val split, independent of the training seed
     flip: bool = False  # random horizontal flips of training batches (for faces)
@@ -60,16 +65,20 @@ class DataConfig:
 class ModelConfig:
     """Fields every model has. Variants subclass this to add their own."""
 
-    name: str = "vae"
-    net: str = "conv"  # conv | mlp
+    name: str = "vae"  # the model variant: a registered name (below)
+    net: str = "conv"  # conv (stride-2 3x3 stages) | mlp
     widths: tuple[int, ...] = (32, 64)  # conv: channels per stride-2 stage; mlp: hidden sizes
-    latent_dim: int = 16
-    likelihood: str = "gaussian"  # gaussian (fixed variance) | bernoulli
+    latent_dim: int = 16  # d, the size of z
+    # gaussian (fixed variance) | bernoulli (for binary pixels: data.binarize=true)
+    likelihood: str = "gaussian"
     # Decoder variance for the Gaussian likelihood. 1/2 makes -log p(x|z) the plain sum of
-    # squared errors plus a constant, as in the derivation (DESIGN.md, "The science").
+    # squared errors plus a constant, as in the derivation (docs/science.md). Refused with
+    # likelihood=bernoulli and by sigma_vae, which sets it from the data.
     sigma2: float = 0.5
     mc_samples: int = 1  # m: samples of z per image in the objective (K for iwae)
-    free_bits: float = 0.0  # nats per latent dimension (Kingma et al. 2016); 0: off
+    # nats per latent dimension (Kingma et al. 2016); 0: off. Refused by models without a
+    # separate KL term (decoder_only, iwae, beta_vae_capacity)
+    free_bits: float = 0.0
 
     def __post_init__(self) -> None:
         check_types(self, "model")
@@ -98,9 +107,9 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 1e-3
+    epochs: int = 10  # passes over the training split
+    batch_size: int = 128  # global under torchrun; the last partial batch of an epoch is dropped
+    lr: float = 1e-3  # Adam's learning rate
     lr_schedule: str = "constant"  # constant | cosine (decays to 0 over train.epochs)
     kl_warmup_steps: int = 0  # the KL weight rises linearly from 0 over this many steps
     seed: int = 0  # seeds initialisation, shuffling and the model's noise
