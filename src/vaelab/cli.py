@@ -333,7 +333,9 @@ def overwrite_option(p: argparse.ArgumentParser) -> None:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line parsed as ``main`` reads it; a bad argument is a one-line error and
+    SystemExit(2)."""
     parser = build_parser()
     # Overrides may come after options (`train --out RUN model.beta=4`): argparse leaves those
     # unparsed, so they are appended to the command's items here.
@@ -342,6 +344,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.items = [*args.items, *extra]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     logging.basicConfig(format="vaelab: %(message)s", level=logging.INFO)
     import vaelab  # noqa: F401  (registers the models before any config is read)
 
