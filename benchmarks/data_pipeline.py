@@ -53,7 +53,7 @@ def build_rate(folder: Path, n: int, cache_dir: Path) -> dict:
 
 
 def data_wait(splits: data.Splits, steps: int, batch_size: int = 64) -> dict:
-    cfg = vaelab.load_config(Path(HERE.parent / "configs" / "celeba_vae.yaml")).model
+    cfg = vaelab.load_config("celeba_vae").model
     model = models.build(cfg, splits.train.shape)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     n = len(splits.train)

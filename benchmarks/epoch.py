@@ -1,7 +1,7 @@
 """One full training epoch of the CelebA-64 configuration, end to end (run by hand, not a test).
 
 The data are synthetic uint8 images of CelebA's split sizes (162,770 train, 19,867 val) held in
-memory, as the preprocessing cache holds them; the run is configs/celeba_vae.yaml (batch 144)
+memory, as the preprocessing cache holds them; the run is the shipped celeba_vae config (batch 144)
 with train.epochs=1, through ``vaelab.train`` itself: batches, training, validation, metrics
 and the checkpoint are all inside the time, so the number is the one a user waits for.
 

@@ -1,7 +1,7 @@
 """Training and evaluation throughput of vaelab beside the peers' loops (run by hand, not a test).
 
-For each network (the CelebA-64 conv VAE of configs/celeba_vae.yaml, the default MNIST conv VAE)
-and batch size, the same network is trained:
+For each network (the CelebA-64 conv VAE of the shipped celeba_vae config, the default MNIST
+conv VAE) and batch size, the same network is trained:
 - the way the peers do it: a plain fp32 NCHW PyTorch loop as in AntixK/PyTorch-VAE and pythae
   (torch.optim.Adam with its default implementation, loss.item() after every step); and the
   same loop in a process with vaelab's CPU memory cache (train.cpu_memory_cache), to show what
@@ -53,8 +53,8 @@ from vaelab.data import ImageDataset, Splits
 from vaelab.data.base import batch_source
 
 HERE = Path(__file__).resolve().parent
-NETS = {  # name -> (image shape, model overrides)
-    "celeba64": ((3, 64, 64), "configs/celeba_vae.yaml"),
+NETS = {  # name -> (image shape, shipped config name or None for the defaults)
+    "celeba64": ((3, 64, 64), "celeba_vae"),
     "mnist": ((1, 28, 28), None),
 }
 # vaelab's paths: (label, overrides of the train section)
@@ -143,10 +143,7 @@ def synthetic_splits(shape: tuple[int, int, int], n_train: int, n_val: int) -> S
 
 
 def run_config(net: str, overrides: list[str]) -> vaelab.RunConfig:
-    path = NETS[net][1]
-    return vaelab.load_config(
-        HERE.parent / path if path else None, [*overrides, "train.progress=false"]
-    )
+    return vaelab.load_config(NETS[net][1], [*overrides, "train.progress=false"])
 
 
 def forward_flops(net: str) -> float:

@@ -1,19 +1,15 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from PIL import Image
 
 import vaelab
 from vaelab.cli import main
-from vaelab.config import load_config
 from vaelab.data.celeba import split_by_number
 from vaelab.data.synthetic import celeba_name, write_images
 from vaelab.trainer import read_metrics
-
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 FAST = ["model.net=mlp", "model.widths=[32]", "model.latent_dim=4", "train.progress=false"]
 
@@ -87,12 +83,6 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert all(name in page for name in summary) and page.count("<img ") == 15
 
 
-@pytest.mark.parametrize("config", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)
-def test_shipped_configs_are_valid(config):
-    cfg = load_config(config)
-    assert cfg.train.epochs >= 1
-
-
 def test_prepare_then_train_on_a_celeba_folder(tmp_path, capsys):
     root = tmp_path / "CelebA"
     names = [celeba_name(n) for n in [*range(1, 25), 162771, 162772, 162773, 182638]]
@@ -101,14 +91,13 @@ def test_prepare_then_train_on_a_celeba_folder(tmp_path, capsys):
         "".join(f"{n} {split_by_number(n)}\n" for n in names)
     )
     cache = f"data.cache_dir={tmp_path / 'cache'}"
-    prepare = ["prepare", str(CONFIGS / "celeba_vae.yaml"), f"data.root={root}", cache, "--quiet"]
+    prepare = ["prepare", "celeba_vae", f"data.root={root}", cache, "--quiet"]  # a shipped name
     assert main(prepare) == 0
     out = capsys.readouterr().out
     assert "prepared 28 images (24 train, 3 val, 1 test; 0 files skipped)" in out
     assert "images/s" in out
     run = tmp_path / "run"
-    config = str(CONFIGS / "celeba_vae.yaml")
-    args = ["train", config, f"data.root={root}", cache, "train.epochs=1", "train.device=cpu"]
+    args = ["train", "celeba_vae", f"data.root={root}", cache, "train.epochs=1", "train.device=cpu"]
     args += ["train.progress=false", "--out", str(run)]
     assert main(args) == 0
     for name in ["config.yaml", "config.json", "model.safetensors", "metrics.jsonl"]:

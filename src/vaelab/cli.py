@@ -54,12 +54,13 @@ def positive(text: str) -> float:
 
 
 def _split_args(items: list[str]) -> tuple[str | None, list[str]]:
-    """[CONFIG] [key=value ...] -> (config path or None, overrides)."""
+    """[CONFIG] [key=value ...] -> (config file or shipped name, or None; overrides)."""
     overrides = [a for a in items if "=" in a]
     paths = [a for a in items if "=" not in a]
     if len(paths) > 1:
         raise ConfigError(
-            f"expected at most one config file, got {paths}; overrides look like key=value"
+            f"expected at most one config (a file or a shipped name), got {paths}; overrides "
+            "look like key=value"
         )
     return (paths[0] if paths else None), overrides
 
@@ -192,9 +193,27 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    from vaelab.config import dump_yaml
+    from vaelab.config import (
+        dump_yaml,
+        is_shipped,
+        resolve_config,
+        shipped_configs,
+        shipped_description,
+    )
 
     path, overrides = _split_args(args.items)
+    if args.list:
+        if args.items or args.json:
+            raise ConfigError("vaelab config --list takes no config, overrides or --json")
+        names = shipped_configs()
+        width = max(map(len, names))
+        for name in names:
+            print(f"{name:<{width}}  {shipped_description(name)}")
+        return 0
+    if path is not None and not overrides and not args.json and is_shipped(path):
+        # a shipped config's file as it is, comments included, to copy and edit
+        print(resolve_config(path).read_text(encoding="utf-8"), end="")
+        return 0
     cfg = load_config(path, overrides)
     print(json.dumps(cfg.to_dict(), indent=2) if args.json else dump_yaml(cfg), end="")
     return 0
@@ -211,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
         "items",
         nargs="*",
         metavar="[CONFIG] [key=value]",
-        help="a YAML config file and/or overrides such as model.beta=4 train.epochs=3",
+        help="a YAML config file or the name of a shipped one (vaelab config --list), and/or "
+        "overrides such as model.beta=4 train.epochs=3",
     )
     p.add_argument("--out", help="the run directory to create")
     p.add_argument("--resume", metavar="RUN", help="continue an interrupted run")
@@ -289,9 +309,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("config", help="print the resolved config (defaults, file, overrides)")
+    p = sub.add_parser(
+        "config",
+        help="print the resolved config (defaults, file, overrides), or a shipped config",
+        description="Print the resolved config: the defaults, then CONFIG, then the overrides. "
+        "A shipped config's name alone (no overrides, no --json) prints its file as it is, to "
+        "copy and edit; --list names the shipped configs.",
+    )
     p.add_argument("items", nargs="*", metavar="[CONFIG] [key=value]")
     p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--list", action="store_true", help="name each shipped config with its description"
+    )
     p.set_defaults(func=cmd_config)
     return parser
 
@@ -304,7 +333,9 @@ def overwrite_option(p: argparse.ArgumentParser) -> None:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line parsed as ``main`` reads it; a bad argument is a one-line error and
+    SystemExit(2)."""
     parser = build_parser()
     # Overrides may come after options (`train --out RUN model.beta=4`): argparse leaves those
     # unparsed, so they are appended to the command's items here.
@@ -313,6 +344,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.items = [*args.items, *extra]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     logging.basicConfig(format="vaelab: %(message)s", level=logging.INFO)
     import vaelab  # noqa: F401  (registers the models before any config is read)
 

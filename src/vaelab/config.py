@@ -14,10 +14,12 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import importlib.resources
 import math
 import re
 import typing
 from dataclasses import dataclass, field
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +32,17 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class DataConfig:
-    name: str = "mnist5k"  # a registered data source (see vaelab.data)
-    root: str = ""  # the source's folder (celeba, folder, idx) or file (mnist5k: another CSV)
-    size: int = 0  # output height = width in pixels; 0: the source's own (64 for image folders)
-    crop: int = 0  # centre crop before resizing; 0: the source's (148 for celeba, else the
-    # centre square of the short side)
-    channels: int = 0  # 1 (grey) or 3 (RGB); 0: the source's own
+    # a registered data source: mnist5k | celeba | folder | idx | fashion_mnist | shapes
+    # (docs/data.md)
+    name: str = "mnist5k"
+    # the source's folder (celeba, folder, idx), or for mnist5k another CSV file (784 pixel
+    # columns 0-255, then the label)
+    root: str = ""
+    size: int = 0  # output height = width; 0: the source's own (28 for digits, 64 for folders)
+    # centre crop before resizing; 0: the source's (148 for celeba, else the centre square of
+    # the short side)
+    crop: int = 0
+    channels: int = 0  # 1 (grey) or 3 (RGB); 0: the source's own (3 for image folders)
     val_fraction: float = 0.1  # share held out for validation where a source has no split
     seed: int = 0  # seeds the train/val split, independent of the training seed
     flip: bool = False  # random horizontal flips of training batches (for faces)
@@ -58,16 +65,20 @@ class DataConfig:
 class ModelConfig:
     """Fields every model has. Variants subclass this to add their own."""
 
-    name: str = "vae"
-    net: str = "conv"  # conv | mlp
+    name: str = "vae"  # the model variant: a registered name (below)
+    net: str = "conv"  # conv (stride-2 3x3 stages) | mlp
     widths: tuple[int, ...] = (32, 64)  # conv: channels per stride-2 stage; mlp: hidden sizes
-    latent_dim: int = 16
-    likelihood: str = "gaussian"  # gaussian (fixed variance) | bernoulli
+    latent_dim: int = 16  # d, the size of z
+    # gaussian (fixed variance) | bernoulli (for binary pixels: data.binarize=true)
+    likelihood: str = "gaussian"
     # Decoder variance for the Gaussian likelihood. 1/2 makes -log p(x|z) the plain sum of
-    # squared errors plus a constant, as in the derivation (DESIGN.md, "The science").
+    # squared errors plus a constant, as in the derivation (docs/science.md). Refused with
+    # likelihood=bernoulli and by sigma_vae, which sets it from the data.
     sigma2: float = 0.5
     mc_samples: int = 1  # m: samples of z per image in the objective (K for iwae)
-    free_bits: float = 0.0  # nats per latent dimension (Kingma et al. 2016); 0: off
+    # nats per latent dimension (Kingma et al. 2016); 0: off. Refused by models without a
+    # separate KL term (decoder_only, iwae, beta_vae_capacity)
+    free_bits: float = 0.0
 
     def __post_init__(self) -> None:
         check_types(self, "model")
@@ -96,9 +107,9 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 1e-3
+    epochs: int = 10  # passes over the training split
+    batch_size: int = 128  # global under torchrun; the last partial batch of an epoch is dropped
+    lr: float = 1e-3  # Adam's learning rate
     lr_schedule: str = "constant"  # constant | cosine (decays to 0 over train.epochs)
     kl_warmup_steps: int = 0  # the KL weight rises linearly from 0 over this many steps
     seed: int = 0  # seeds initialisation, shuffling and the model's noise
@@ -389,7 +400,7 @@ def _yaml_problem(err: yaml.YAMLError) -> str:
     return "not valid YAML (" + " ".join(str(err).split()) + ")"
 
 
-def read_yaml(path: Path) -> Any:
+def read_yaml(path: Path | Traversable) -> Any:
     """The YAML document in the file ``path``, read with ``ConfigLoader``; a ConfigError naming
     the file for a file that is missing, a folder, unreadable, not UTF-8 text or not YAML."""
     if path.is_dir():
@@ -415,11 +426,71 @@ def read_yaml(path: Path) -> Any:
         raise ConfigError(f"config file '{path}': nested too deeply") from None
 
 
+# -- the shipped configs -----------------------------------------------------------------------
+# The example configs live in the package (vaelab/configs/NAME.yaml), so a plain `pip install`
+# has them: `vaelab train celeba_vae ...` works outside a checkout.
+SHIPPED_PACKAGE = "vaelab.configs"
+
+
+def shipped_configs() -> dict[str, Traversable]:
+    """The configs shipped with vaelab: name (the file's stem) -> its file, sorted by name."""
+    files = importlib.resources.files(SHIPPED_PACKAGE).iterdir()
+    found = {f.name.removesuffix(".yaml"): f for f in files if f.name.endswith(".yaml")}
+    return dict(sorted(found.items()))
+
+
+def shipped_description(name: str) -> str:
+    """A shipped config's one-line description: the first comment line of its file."""
+    for line in shipped_configs()[name].read_text(encoding="utf-8").splitlines():
+        if line.startswith("#"):
+            return line.lstrip("#").strip()
+    return ""
+
+
+def _bare_name(text: str) -> bool:
+    return not any(sep in text for sep in ("/", "\\")) and not text.endswith((".yaml", ".yml"))
+
+
+def is_shipped(path: str | Path) -> bool:
+    """Whether the config argument ``path`` selects a shipped config: a shipped name that is not
+    an existing file or folder (a file of that name wins)."""
+    text = str(path)
+    return _bare_name(text) and text in shipped_configs() and not Path(path).exists()
+
+
+def resolve_config(path: str | Path) -> Path | Traversable:
+    """The file a config argument names. An existing file (or folder, refused when read) wins;
+    otherwise a bare name (no '/', no '.yaml') is a shipped config, and an unknown name is a
+    ConfigError listing the shipped names. Anything else stays a path (read_yaml says it is
+    missing)."""
+    if Path(path).exists():
+        return Path(path)
+    text, shipped = str(path), shipped_configs()
+    if _bare_name(text):
+        if text in shipped:
+            return shipped[text]
+        raise ConfigError(
+            f"config '{text}': no such file, and not the name of a shipped config "
+            f"(shipped: {', '.join(shipped)}; `vaelab config --list` describes them)"
+        )
+    stem = Path(text).name.removesuffix(".yaml").removesuffix(".yml")
+    if stem in shipped:  # an old `configs/NAME.yaml` path from a checkout
+        raise ConfigError(
+            f"config file '{text}' not found (the example configs ship with vaelab: for that "
+            f"one, give its name, {stem})"
+        )
+    return Path(path)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Defaults, then the YAML file at ``path`` (if any), then ``key=value`` overrides."""
+    """Defaults, then the YAML file at ``path`` (if any), then ``key=value`` overrides.
+
+    ``path`` may also name a shipped config (``"celeba_vae"``, see ``shipped_configs``); an
+    existing file of that name wins.
+    """
     tree: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
+        path = resolve_config(path)
         loaded = read_yaml(path)
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file '{path}': expected a mapping of sections")

@@ -1,6 +1,6 @@
 """``celeba``: CelebA's aligned faces from a local folder (users download CelebA themselves).
 
-Accepted layouts under data.root (DESIGN.md gives the file formats):
+Accepted layouts under data.root (docs/data.md gives the file formats):
   official:     ROOT/img_align_celeba/000001.jpg ..., ROOT/list_eval_partition.txt
   torchvision:  ROOT/celeba/img_align_celeba/..., ROOT/celeba/list_eval_partition.txt
   (and either with the images one folder deeper, img_align_celeba/img_align_celeba/, as the
