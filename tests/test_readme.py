@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 from vaelab.cli import build_parser, main, parse_args
-from vaelab.config import load_config
+from vaelab.config import MODEL_CONFIGS, load_config
+from vaelab.metrics import METRICS
+from vaelab.models import MODELS
 from vaelab.sweep import plan
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -121,15 +123,27 @@ def test_the_readme_has_console_examples():
     assert any("model.bta" in command for _, command, _ in CONSOLE)
 
 
-PYTHON = blocks(README, "python")
+PYTHON = [
+    (code, f"{page.name}:{line}")
+    for page in (README, ROOT / "docs" / "extending.md")
+    for code, line in blocks(page, "python")
+]
 
 
-@pytest.mark.parametrize(("code", "line"), PYTHON, ids=[f"README.md:{n}" for _, n in PYTHON])
-def test_python_blocks_run(code, line, tmp_path, monkeypatch):
-    """Each block runs on its own, in an empty folder (it may train a small run there)."""
+@pytest.mark.parametrize(("code", "where"), PYTHON, ids=[w for _, w in PYTHON])
+def test_python_blocks_run(code, where, tmp_path, monkeypatch):
+    """Each block runs on its own, in an empty folder (it may train a small run there). The
+    models and metrics it registers are unregistered after it."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("VAELAB_CACHE", str(tmp_path / "cache"))
-    exec(compile(code, f"README.md:{line}", "exec"), {"__name__": "readme"})
+    registries = (MODELS, MODEL_CONFIGS, METRICS)
+    before = [dict(r) for r in registries]
+    try:
+        exec(compile(code, where, "exec"), {"__name__": "readme"})
+    finally:
+        for registry, kept in zip(registries, before, strict=True):
+            registry.clear()
+            registry.update(kept)
 
 
 def test_the_python_api_block_is_there():

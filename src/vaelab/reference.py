@@ -164,9 +164,13 @@ def summary(cls: type) -> str:
 
 def variants() -> dict[str, type[ModelConfig]]:
     """vaelab's own model variants (a model registered from outside vaelab is not on the page)."""
-    import vaelab.models  # noqa: F401  (registers the variants)
+    from vaelab.models import MODELS
 
-    return {n: c for n, c in sorted(MODEL_CONFIGS.items()) if c.__module__.startswith("vaelab.")}
+    return {
+        n: c
+        for n, c in sorted(MODEL_CONFIGS.items())
+        if MODELS[n].__module__.startswith("vaelab.models.")
+    }
 
 
 def reference() -> str:
