@@ -11,7 +11,7 @@ import torch
 import vaelab
 from tests.conftest import tiny_config, tiny_splits
 from vaelab import metrics
-from vaelab.config import ModelConfig
+from vaelab.config import MODEL_CONFIGS, ModelConfig
 from vaelab.evaluate import evaluate, evaluate_model
 from vaelab.models import MODELS, VAE, ModelOutput, StepContext, register
 from vaelab.report.figures import panels
@@ -140,4 +140,4 @@ def test_a_term_may_not_take_a_row_key(data):
         with pytest.raises(ValueError, match="'epoch'.*reserved"):
             metrics.evaluation_pass(model, data.val)
     finally:
-        del MODELS["test_bad_term"]
+        del MODELS["test_bad_term"], MODEL_CONFIGS["test_bad_term"]

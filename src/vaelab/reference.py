@@ -169,7 +169,7 @@ def variants() -> dict[str, type[ModelConfig]]:
     return {
         n: c
         for n, c in sorted(MODEL_CONFIGS.items())
-        if MODELS[n].__module__.startswith("vaelab.models.")
+        if n in MODELS and MODELS[n].__module__.startswith("vaelab.models.")
     }
 
 
