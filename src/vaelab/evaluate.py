@@ -177,9 +177,12 @@ def evaluate(
             raise rundir.RunDirError(f"cannot write '{out}': it is a folder")
     model = load(run_dir)
     cfg = run_config(run_dir)
-    step = weights_metadata(run_dir).get("step", 0)
+    saved = weights_metadata(run_dir)  # the checkpoint's counters, as validation saw them
+    step, epoch = (saved.get(k) for k in ("step", "epoch"))
     ctx = StepContext(
-        step=step if isinstance(step, int) else 0, kl_warmup_steps=cfg.train.kl_warmup_steps
+        step=step if isinstance(step, int) else 0,
+        epoch=epoch if isinstance(epoch, int) else 0,
+        kl_warmup_steps=cfg.train.kl_warmup_steps,
     )
     if splits is None:
         splits = data.build(cfg.data, progress=progress)

@@ -136,35 +136,48 @@ def reconstruction(b: Batch) -> dict[str, Tensor]:
 
 class Sums:
     """Float64 sums of named per-image values, kept on the device (no synchronisation until
-    ``means``)."""
+    ``means``). The (B,) values of a batch are summed in one stacked tensor: a few kernels per
+    training step, whatever the number of terms."""
 
     def __init__(self) -> None:
         self.n = 0
         self.values: dict[str, Tensor] = {}
+        self.vector: tuple[str, ...] = ()  # the names of the (B,) values, in ``self.packed``
+        self.packed: Tensor | None = None
 
     def add(self, values: dict[str, Tensor], n: int) -> None:
         """Add the per-image values of ``n`` images."""
+        names = tuple(k for k, t in values.items() if t.dim() == 1)
+        if names:
+            if self.packed is not None and names != self.vector:
+                raise ValueError(f"terms changed between batches: {self.vector} -> {names}")
+            batch = torch.stack([values[k].detach() for k in names]).double().sum(1)
+            self.packed = batch if self.packed is None else self.packed + batch
+            self.vector = names
         for name, t in values.items():
-            s = t.detach().double().sum(0)
-            self.values[name] = self.values[name] + s if name in self.values else s
+            if t.dim() != 1:
+                s = t.detach().double().sum(0)
+                self.values[name] = self.values[name] + s if name in self.values else s
         self.n += n
 
     def total(self, name: str) -> Tensor:
-        """The running sum of one value (a device tensor; no synchronisation)."""
-        return self.values[name].clone()
+        """The running sum of one (B,) value (a device tensor; no synchronisation)."""
+        assert self.packed is not None
+        return self.packed[self.vector.index(name)].clone()
 
     def means(self, world: World | None = None) -> dict[str, Any]:
-        """Per-image means over all processes: floats, or lists for (B, d) values. One
-        synchronisation."""
-        names = list(self.values)
-        flat = [self.values[k].reshape(-1) for k in names]
+        """Per-image means over all processes, in the order the values were named: floats, or
+        lists for (B, d) values. One synchronisation."""
+        parts = {} if self.packed is None else dict(zip(self.vector, self.packed, strict=True))
+        parts.update(self.values)
+        flat = [t.reshape(-1) for t in parts.values()]
         device = flat[0].device if flat else "cpu"
         n = torch.tensor([float(self.n)], dtype=torch.float64, device=device)
         packed = distributed.all_sum(torch.cat([*flat, n]), world or World()).cpu()
         count, out, i = packed[-1].item(), {}, 0
-        for name, t in zip(names, flat, strict=True):
+        for name, t in parts.items():
             part = packed[i : i + t.numel()] / count
-            out[name] = part.item() if self.values[name].dim() == 0 else part.tolist()
+            out[name] = part.item() if t.dim() == 0 else part.tolist()
             i += t.numel()
         return out
 

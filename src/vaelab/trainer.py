@@ -94,7 +94,7 @@ class Session:
 
     def context(self, step: int, epoch: int) -> StepContext:
         """The step context the model's forward pass reads."""
-        return StepContext(step, epoch, self.cfg.train.kl_warmup_steps)
+        return StepContext(step, epoch, self.cfg.train.kl_warmup_steps, self.world.size)
 
 
 def setup(cfg: RunConfig, splits: Splits | None = None) -> Session:

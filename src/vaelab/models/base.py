@@ -39,14 +39,17 @@ class StepContext:
 
     step: optimizer steps taken before this one (for schedules: KL warm-up, capacity);
     epoch: the epoch being trained (1-based; 0 outside training);
-    kl_warmup_steps: train.kl_warmup_steps (0: no warm-up).
-    Evaluation passes the context of the checkpoint it scores, so its loss is the one the last
-    training step saw.
+    kl_warmup_steps: train.kl_warmup_steps (0: no warm-up);
+    world_size: the processes the global batch is split over (torchrun; 1 in one process), each
+    holding rows rank::world_size of it.
+    Validation and ``vaelab evaluate`` pass the checkpoint's step and epoch, so their losses
+    agree.
     """
 
     step: int = 0
     epoch: int = 0
     kl_warmup_steps: int = 0
+    world_size: int = 1
 
     @property
     def kl_anneal(self) -> float:
@@ -158,7 +161,7 @@ class GenerativeModel(nn.Module):
     def logged(self, batch: int) -> dict[str, Tensor]:
         """Scalars of the model (e.g. a learned variance) as per-image (B,) terms, for
         ``ModelOutput.terms``: logged and drawn like any other term."""
-        return {k: v.detach().float().expand(batch) for k, v in self.likelihood.logged().items()}
+        return {k: v.detach().expand(batch) for k, v in self.likelihood.logged().items()}
 
     # -- generation ---------------------------------------------------------------------
     def decode_logits(self, z: Tensor) -> Tensor:
