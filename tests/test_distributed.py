@@ -106,6 +106,7 @@ def test_a_run_stopped_on_two_processes_resumes_on_one(one_process, tmp_path):
     [
         ("train.batch_size=255", "config key 'train.batch_size': the global batch is split over 2"),
         ("model.name=sigma_vae", "config key 'model.name': sigma_vae cannot be split"),
+        ("model.name=beta_vae_capacity", "beta_vae_capacity cannot be split"),
         ("model.free_bits=0.5", "config key 'model.free_bits'"),
     ],
 )

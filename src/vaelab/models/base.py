@@ -33,6 +33,16 @@ from vaelab.rng import batch_randn
 RESERVED = frozenset({"split", "epoch", "step", "loss", "elbo_nats", "bpd", "seconds"})
 
 
+def refuse_split(cfg: RunConfig, world_size: int, why: str) -> None:
+    """For ``check_run``: refuse torchrun (world_size > 1) for a model whose per-image terms
+    depend on the rest of the batch (``why``), which each process would compute on its share."""
+    if world_size > 1:
+        raise ConfigError(
+            f"config key 'model.name': {cfg.model.name} cannot be split over torchrun processes "
+            f"({why}, which each process would compute on its share); train it in one process"
+        )
+
+
 @dataclass(frozen=True)
 class StepContext:
     """What a forward pass may depend on besides the batch.

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from vaelab.config import ConfigError, ModelConfig, RunConfig, require, unused
+from vaelab.config import ModelConfig, RunConfig, require, unused
 from vaelab.models import register
-from vaelab.models.base import StepContext
+from vaelab.models.base import StepContext, refuse_split
 from vaelab.models.vae import VAE
 
 
@@ -46,12 +46,7 @@ class BetaVAECapacity(VAE):
     @classmethod
     def check_run(cls, cfg: RunConfig, world_size: int) -> None:
         super().check_run(cfg, world_size)
-        if world_size > 1:
-            raise ConfigError(
-                "config key 'model.name': beta_vae_capacity cannot be split over torchrun "
-                "processes (its penalty uses the batch-mean KL, which each process would compute "
-                "on its share); train it in one process"
-            )
+        refuse_split(cfg, world_size, "its penalty uses the batch-mean KL")
 
     def kl_penalty(self, kl_dims: Tensor, ctx: StepContext) -> Tensor:
         kl = kl_dims.sum(-1)  # (B,)

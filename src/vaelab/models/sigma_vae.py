@@ -16,8 +16,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from vaelab.config import ConfigError, ModelConfig, RunConfig, require, unused
+from vaelab.config import ModelConfig, RunConfig, require, unused
 from vaelab.models import likelihoods, register
+from vaelab.models.base import refuse_split
 from vaelab.models.vae import VAE
 
 
@@ -41,9 +42,6 @@ class SigmaVAE(VAE):
     @classmethod
     def check_run(cls, cfg: RunConfig, world_size: int) -> None:
         super().check_run(cfg, world_size)
-        if world_size > 1:
-            raise ConfigError(
-                "config key 'model.name': sigma_vae cannot be split over torchrun processes "
-                "(its decoder variance is the mean squared error over the batch, which each "
-                "process would compute on its share); train it in one process"
-            )
+        refuse_split(
+            cfg, world_size, "its decoder variance is the mean squared error over the batch"
+        )
