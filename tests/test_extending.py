@@ -69,8 +69,10 @@ def test_a_variant_defined_in_a_test_file_trains_resumes_loads_evaluates_and_rep
     assert page.count("<img") >= 1
 
 
-def test_the_last_validation_row_is_what_evaluate_writes(tmp_path, data):
-    run = vaelab.train(tiny_config("train.epochs=2"), tmp_path / "vae", splits=data)
+@pytest.mark.parametrize("precision", ["fp32", "fp64"])
+def test_the_last_validation_row_is_what_evaluate_writes(tmp_path, data, precision):
+    cfg = tiny_config("train.epochs=2", f"train.precision={precision}")
+    run = vaelab.train(cfg, tmp_path / "vae", splits=data)
     last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
     assert last["split"] == "val"
     evaluate(run, "val", iw_samples=5, progress=False, splits=data)
@@ -135,9 +137,46 @@ def test_a_term_may_not_take_a_row_key(data):
             out = super().forward(x, ctx)
             return ModelOutput(out.loss, out.elbo, {**out.terms, "epoch": out.loss})
 
+    @register("test_metric_clash")
+    class Clash(VAE):
+        def forward(self, x, ctx=None):
+            out = super().forward(x, ctx)
+            return ModelOutput(out.loss, out.elbo, {**out.terms, "psnr": out.loss}, out.posterior)
+
     try:
         model = BadTerm(tiny_config().model, data.val.shape)
         with pytest.raises(ValueError, match="'epoch'.*reserved"):
             metrics.evaluation_pass(model, data.val)
+        clash = Clash(tiny_config().model, data.val.shape)
+        metrics.evaluation_pass(clash, data.val)  # validation: the terms alone are fine
+        with pytest.raises(ValueError, match="metric 'reconstruction' returns 'psnr'"):
+            evaluate_model(clash, data.val, iw_samples=1, progress=False)
     finally:
-        del MODELS["test_bad_term"], MODEL_CONFIGS["test_bad_term"]
+        for name in ("test_bad_term", "test_metric_clash"):
+            del MODELS[name], MODEL_CONFIGS[name]
+
+
+def test_training_leaves_the_callers_random_generator_as_it_was(tmp_path, data):
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    vaelab.train(tiny_config("train.epochs=1"), tmp_path / "r", splits=data)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_a_sigma_vae_run_saved_without_its_variance_says_why_it_cannot_load(tmp_path, data):
+    from safetensors.torch import load_file, save_file
+
+    from vaelab.checkpoint import CheckpointError
+
+    run = vaelab.train(
+        tiny_config("model.name=sigma_vae", "train.epochs=1"), tmp_path / "s", splits=data
+    )
+    path = run / "model.safetensors"
+    with open(path, "rb") as f:
+        from safetensors import safe_open
+
+        metadata = safe_open(f.name, "pt").metadata()
+    tensors = {k: v for k, v in load_file(path).items() if not k.startswith("likelihood.")}
+    save_file(tensors, path, metadata=metadata)  # as a run from before issue 14 was saved
+    with pytest.raises(CheckpointError, match="before vaelab kept sigma_vae's fitted decoder"):
+        vaelab.load(run)

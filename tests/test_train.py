@@ -233,13 +233,18 @@ def test_decoder_only_collapses_and_vae_does_not(tmp_path):
     assert learned > 0.4, learned
 
 
-def test_tensorboard_logs_scalars_and_images(tmp_path, splits):
+@pytest.mark.parametrize("precision", ["fp32", "fp64"])
+def test_tensorboard_logs_scalars_and_images(tmp_path, splits, precision):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    run = vaelab.train(tiny_config("train.tensorboard=true"), tmp_path / "run", splits=splits)
+    cfg = tiny_config(
+        "train.tensorboard=true", f"train.precision={precision}", "model.name=sigma_vae"
+    )
+    run = vaelab.train(cfg, tmp_path / "run", splits=splits)
     events = EventAccumulator(str(run / "tensorboard")).Reload()
     assert {"loss/train", "loss/val", "kl/val", "elbo_nats/val"} <= set(events.Tags()["scalars"])
+    assert {"sigma2/train", "sigma2/val"} <= set(events.Tags()["scalars"])  # a variant's term
     assert [e.step for e in events.Scalars("loss/val")] == [4, 8]
     assert "samples" in events.Tags()["images"]
 

@@ -205,6 +205,7 @@ def _check_names_and_shapes(
         extra = sorted(set(found) - set(expected))[:3]
         raise CheckpointError(
             f"'{path}': tensors do not match {model} (missing {missing}, unexpected {extra})"
+            f"{_why_missing(missing)}"
         )
     for name, shape in expected.items():
         if found[name] != shape:
@@ -214,6 +215,17 @@ def _check_names_and_shapes(
             )
 
 
+def _why_missing(missing: list[str]) -> str:
+    """A hint for the one known cause of missing tensors: a run saved before the likelihood's
+    fitted state (sigma_vae's variance) was kept with the weights."""
+    if missing and all(name.startswith("likelihood.") for name in missing):
+        return (
+            "; the run was saved before vaelab kept sigma_vae's fitted decoder variance with "
+            "its weights: train it again"
+        )
+    return ""
+
+
 def _load_into(module: torch.nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
     expected = set(module.state_dict())
     if set(tensors) != expected:
@@ -221,6 +233,7 @@ def _load_into(module: torch.nn.Module, tensors: dict[str, torch.Tensor], path: 
         extra = sorted(set(tensors) - expected)[:3]
         raise CheckpointError(
             f"'{path}': tensors do not match the model (missing {missing}, unexpected {extra})"
+            f"{_why_missing(missing)}"
         )
     try:
         module.load_state_dict(tensors)

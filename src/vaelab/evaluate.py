@@ -177,6 +177,8 @@ def evaluate(
             raise rundir.RunDirError(f"cannot write '{out}': it is a folder")
     model = load(run_dir)
     cfg = run_config(run_dir)
+    if cfg.train.precision == "fp64":  # scored in the precision it was trained and validated in
+        model = model.double()
     saved = weights_metadata(run_dir)  # the checkpoint's counters, as validation saw them
     step, epoch = (saved.get(k) for k in ("step", "epoch"))
     ctx = StepContext(

@@ -64,22 +64,24 @@ def metric(name: str) -> Callable[[Metric], Metric]:
     return wrap
 
 
-def output_terms(out: ModelOutput) -> dict[str, Tensor]:
+def output_terms(out: ModelOutput, model: GenerativeModel) -> dict[str, Tensor]:
     """The per-image values of a forward pass that a metrics row holds: the loss, the model's
-    named terms, the ELBO. Training rows and the "terms" metric both read them here."""
-    clash = RESERVED.intersection(out.terms)
+    named terms and its logged scalars (``model.logged``, e.g. a learned variance), the ELBO.
+    Training rows and the "terms" metric both read them here."""
+    terms = {**out.terms, **model.logged(out.loss.shape[0])}
+    clash = RESERVED.intersection(terms)
     if clash:
         raise ValueError(
             f"model term '{sorted(clash)[0]}' is reserved (a key of every metrics row: "
             f"{', '.join(sorted(RESERVED))}); give the term another name"
         )
-    return {"loss": out.loss, **out.terms, "elbo_nats": out.elbo}
+    return {"loss": out.loss, **terms, "elbo_nats": out.elbo}
 
 
 @metric("terms")
 def terms(b: Batch) -> dict[str, Tensor]:
     """The training terms in eval mode: loss, every named term, the ELBO."""
-    return output_terms(b.out)
+    return output_terms(b.out, b.model)
 
 
 @torch.no_grad()
@@ -242,7 +244,14 @@ def evaluation_pass(
                     batch = Batch(x, out, model, iw_samples, on_samples)
                     values: dict[str, Tensor] = {}
                     for name in names:
-                        values.update(METRICS[name](batch))
+                        found = METRICS[name](batch)
+                        clash = values.keys() & found.keys()
+                        if clash:
+                            raise ValueError(
+                                f"metric '{name}' returns '{sorted(clash)[0]}', which a term or "
+                                "another metric already returns: rename the term or the metric"
+                            )
+                        values.update(found)
                     sums.add(values, x.shape[0])
     finally:
         model.train(was_training)

@@ -18,6 +18,15 @@ def seeded(seed: int) -> Iterator[None]:
         yield
 
 
+@contextmanager
+def kept() -> Iterator[None]:
+    """Run a block that seeds and draws from torch's generators (training), then put every
+    generator (CPU and all CUDA devices) back as the caller had it."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        yield
+
+
 # -- noise for one rank's shard of a global batch ------------------------------------------
 # Under data-parallel training each rank holds the rows rank::world of the global batch. The
 # model's noise is drawn through ``batch_randn``/``batch_rand``: every rank draws the noise of

@@ -5,14 +5,17 @@ computes (up to rounding).
 - ``train.channels_last``: NHWC memory format for the conv networks and their inputs;
 - ``train.compile``: ``torch.compile`` of the forward pass, replayed as CUDA graphs on a GPU
   (not under torchrun); if compiling fails, the first step is redone without it, with a message;
-- ``train.cpu_memory_cache`` (CPU, glibc): freed memory stays in the process for reuse;
+- ``train.cpu_memory_cache`` (CPU, glibc; on by default): freed memory stays in the process for
+  reuse, for the rest of the process's life (glibc cannot undo it): set it false to leave the
+  allocator of a larger program (a notebook, a service) as it was;
 - ``train.precision`` bf16/fp16: autocast for the networks (the losses stay fp32);
 - ``train.fused_adam``: Adam's fused kernel (the trainer builds the optimizer with it);
 - on CUDA, cuDNN's search for the fastest convolution algorithms (every step has one shape).
 
 ``applied(...)`` names what is on, for the run's log. Process-wide settings (threads, cuDNN's
 search) are set only for the duration of training, by ``process_settings``, and put back after;
-the one exception is the memory cache, which glibc cannot undo (it is asked for by its key).
+the one exception is the memory cache (above). The trainer also puts torch's random generators
+back after training (``rng.kept``).
 """
 
 from __future__ import annotations
@@ -144,9 +147,10 @@ class Forward:
             return (self.compiled or self.eager)(*args)
 
     def guard(self, step: Callable[[], T], model: nn.Module) -> T:
-        """Run ``step``. The first step with train.compile compiles; if compiling fails, what
-        the attempt changed (random generators, batch-norm statistics) is put back and the
-        step is run again without compiling, with a message."""
+        """Run ``step`` (a forward and backward pass; not the optimizer's update). The first
+        step with train.compile compiles; if compiling fails, what the attempt changed (random
+        generators, batch-norm statistics) is put back and the step is run again without
+        compiling, with a message."""
         if not self.pending:
             return step()
         rng = torch.get_rng_state()

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from vaelab import data, distributed, metrics, models, progress, rundir, speed
+from vaelab import data, distributed, metrics, models, progress, rng, rundir, speed
 from vaelab.checkpoint import (
     CheckpointError,
     atomic_write,
@@ -165,7 +165,7 @@ def train(
     retried. Under torchrun every process calls this; only rank 0 writes.
     """
     run = rundir.check_new_run(out)
-    with speed.process_settings(cfg.train):
+    with rng.kept(), speed.process_settings(cfg.train):
         return _train_new(run, cfg, splits, on_epoch_end)
 
 
@@ -248,7 +248,7 @@ def resume(
     world = distributed.from_environment()
     lock = rundir.lock(run, what="training") if world.is_main else None
     try:
-        with contextlib.ExitStack() as settings:
+        with rng.kept(), contextlib.ExitStack() as settings:
             cfg, counters, rows, session = _reopen(
                 run, overrides or [], splits, accept_changes, settings
             )
@@ -489,7 +489,7 @@ def _train_epoch(
             ctx = session.context(counters["step"], epoch)
             out = train_step(session, speed.inputs(x, tc), ctx, tc.epochs * steps)
         counters["step"] += 1
-        sums.add(metrics.output_terms(out), out.loss.shape[0])
+        sums.add(metrics.output_terms(out, session.model), out.loss.shape[0])
         bar.update(1)
         if (i + 1) % tc.log_every == 0 or i + 1 == steps:
             # The only host-device synchronisation of the loop: every log_every steps.
@@ -527,15 +527,16 @@ def train_step(
     for group in session.optimizer.param_groups:
         group["lr"] = learning_rate(session.cfg.train, ctx.step, total_steps)
 
-    def step() -> ModelOutput:
+    def forward_backward() -> ModelOutput:
         out = session.forward(x, ctx)
         session.optimizer.zero_grad(set_to_none=True)
         session.scaler.scale(out.loss.mean()).backward()
-        session.scaler.step(session.optimizer)
-        session.scaler.update()
         return out
 
-    return session.forward.guard(step, session.model)
+    out = session.forward.guard(forward_backward, session.model)
+    session.scaler.step(session.optimizer)
+    session.scaler.update()
+    return out
 
 
 def validate(session: Session, epoch: int, step: int) -> dict[str, Any]:
@@ -662,7 +663,8 @@ class _Board:
         with seeded(0):
             self.writer.add_images("samples", model.sample(16).cpu(), rows[-1]["step"])
             if model.has_encoder:
-                x = val.batch(slice(0, 8), next(model.parameters()).device)
+                param = next(model.parameters())
+                x = val.batch(slice(0, 8), param.device).to(param.dtype)
                 pairs = torch.cat([x, model.reconstruct(x)]).cpu()
                 self.writer.add_images("val images, then reconstructions", pairs, rows[-1]["step"])
         self.writer.flush()

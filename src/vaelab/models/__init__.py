@@ -30,7 +30,8 @@ def register(name: str, config_class: type[ModelConfig] = ModelConfig) -> Callab
     def wrap(cls: M) -> M:
         if not (isinstance(cls, type) and issubclass(cls, GenerativeModel)):
             raise TypeError(f"register('{name}'): expected a GenerativeModel subclass, got {cls!r}")
-        if name in MODELS and MODELS[name].__qualname__ != cls.__qualname__:
+        same = (cls.__module__, cls.__qualname__)  # the same class, imported again
+        if name in MODELS and (MODELS[name].__module__, MODELS[name].__qualname__) != same:
             raise ValueError(f"model '{name}' is registered twice")
         MODELS[name] = cls
         MODEL_CONFIGS[name] = config_class

@@ -29,8 +29,13 @@ from vaelab.models import likelihoods
 from vaelab.nets import build_decoder
 from vaelab.rng import batch_randn
 
-# Names a term may not take: the metrics row's own keys.
-RESERVED = frozenset({"split", "epoch", "step", "loss", "elbo_nats", "bpd", "seconds"})
+# Names a term may not take: the keys of a metrics row and of eval/<split>.json that are not
+# terms (the metrics' own outputs are refused when they meet a term: metrics.evaluation_pass).
+RESERVED = frozenset(
+    {"split", "epoch", "step", "loss", "elbo_nats", "bpd", "seconds"}
+    | {"iw_nll_nats", "iw_bpd", "elbo_gap_nats", "active_units", "iw_samples"}
+    | {"diversity_ratio", "num_images"}
+)
 
 
 def refuse_split(cfg: RunConfig, world_size: int, why: str) -> None:
@@ -169,8 +174,9 @@ class GenerativeModel(nn.Module):
         return self.likelihood.bits_per_dim(log_px_nats, self.num_dims)
 
     def logged(self, batch: int) -> dict[str, Tensor]:
-        """Scalars of the model (e.g. a learned variance) as per-image (B,) terms, for
-        ``ModelOutput.terms``: logged and drawn like any other term."""
+        """Scalars of the model (by default its likelihood's: a learned variance) as per-image
+        (B,) values, which every metrics row adds to the forward pass's terms
+        (``metrics.output_terms``): logged and drawn like any term."""
         return {k: v.detach().expand(batch) for k, v in self.likelihood.logged().items()}
 
     # -- generation ---------------------------------------------------------------------
@@ -188,9 +194,9 @@ class GenerativeModel(nn.Module):
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0) -> Tensor:
         """n images (decoder means) for z ~ N(0, temperature^2 I), (n, C, H, W)."""
-        device = next(self.parameters()).device
-        z = temperature * torch.randn(n, self.cfg.latent_dim, device=device)
-        return self.decode(z)
+        param = next(self.parameters())
+        z = temperature * torch.randn(n, self.cfg.latent_dim, device=param.device)
+        return self.decode(z.to(param.dtype))
 
     def encode(self, x: Tensor) -> DiagonalGaussian:
         raise NotImplementedError(f"model '{self.cfg.name}' has no encoder")

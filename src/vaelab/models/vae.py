@@ -82,6 +82,6 @@ class VAE(GenerativeModel):
         return ModelOutput(
             loss=self.objective(q, z, recon, nll, ctx),
             elbo=-(nll.mean(0) + kl),
-            terms={"recon": recon.mean(0), "kl": kl, **self.logged(x.shape[0])},
+            terms={"recon": recon.mean(0), "kl": kl},
             posterior=q,
         )
