@@ -21,7 +21,7 @@ CPU, the run refuses to report when other processes used more than 10% of the CP
 (--force reports anyway, marked).
 
     python benchmarks/throughput.py [--device cpu|cuda] [--nets celeba64 mnist]
-        [--batches 64 144] [--reps 5] [--min-seconds 1] [--compile] [--out FILE]
+        [--batches 64 144] [--reps 5] [--min-seconds 1] [--compile] [--fp32-only] [--out FILE]
 """
 
 from __future__ import annotations
@@ -400,6 +400,12 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also time train.compile=true")
     parser.add_argument("--compile-batches", nargs="+", type=int, default=[144])
     parser.add_argument("--no-pythae", action="store_true", help="skip pythae even if installed")
+    parser.add_argument(
+        "--fp32-only",
+        action="store_true",
+        help="skip the bf16 paths and the bf16 matmul peak (a CPU without native bf16 emulates "
+        "it, 10-16x slower: the bf16 rows alone take tens of minutes there)",
+    )
     parser.add_argument("--force", action="store_true", help="report even on a busy CPU")
     parser.add_argument("--out", default=str(HERE / "results" / "throughput.json"))
     args = parser.parse_args()
@@ -408,10 +414,8 @@ def main() -> None:
         parser.error("--reps: at least 5 repetitions for a reported median (or --force)")
 
     with watched(args.force, device) as watch:
-        peak = {
-            "fp32": matmul_peak(torch.float32, device),
-            "bf16": matmul_peak(torch.bfloat16, device),
-        }
+        peak = {"fp32": matmul_peak(torch.float32, device)}
+        peak["bf16"] = math.nan if args.fp32_only else matmul_peak(torch.bfloat16, device)
         print(f"matmul peak: fp32 {peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} GFLOP/s")
         rows = []
         for net in args.nets:
@@ -425,6 +429,8 @@ def main() -> None:
                     if not args.no_pythae:
                         jobs.append(("pythae", (net, batch, dev)))
                 paths = PATHS + (CUDA_PATHS if device.type == "cuda" else [])
+                if args.fp32_only:
+                    paths = [p for p in paths if "bf16" not in p[0]]
                 if args.compile and batch in args.compile_batches:
                     paths = [*paths, COMPILED]
                 jobs += [("vaelab_contender", (net, batch, dev, *p)) for p in paths]
