@@ -32,7 +32,6 @@ import json
 import math
 import multiprocessing as mp
 import os
-import platform
 import resource
 import statistics
 import sys
@@ -48,6 +47,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import vaelab
+import vaelab.machine
 from vaelab import models, speed, trainer
 from vaelab.data import ImageDataset, Splits
 from vaelab.data.base import batch_source
@@ -526,15 +526,11 @@ def write_record(out: str | Path, record: dict) -> None:
 
 
 def machine(device: torch.device) -> dict:
-    info = {
-        "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-    }
-    with contextlib.suppress(OSError):
-        names = [ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in ln]
-        info["cpu"] = names[0].split(":", 1)[1].strip()
+    """The hardware facts of ``vaelab env`` (CPU model and flags, torch's capability, the
+    precision to use), recorded in every results file so a table keeps the hardware it came
+    from; plus the GPU when one is used."""
+    info = vaelab.machine.facts(measure=False)
+    info["threads"] = info["torch_threads"]
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info

@@ -192,6 +192,27 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_env(args: argparse.Namespace) -> int:
+    from vaelab.machine import facts
+
+    found = facts(measure=not args.no_measure)
+    if args.json:
+        print(json.dumps(found, indent=2))
+        return 0
+    cuda = found["cuda_device"] or "none"
+    print(f"cpu           {found['cpu']} ({found['arch']}, {found['cores']} cores)")
+    print(f"cpu flags     {' '.join(found['cpu_flags']) or '(none of those that matter)'}")
+    print(f"native bf16   {'yes' if found['native_bf16'] else 'no'} (CPU)")
+    print(f"torch         {found['torch']}, CPU capability {found['torch_cpu_capability']}, "
+          f"{found['torch_threads']} threads")  # fmt: skip
+    print(f"cuda device   {cuda}")
+    if "cpu_matmul_gflops" in found:
+        rates = found["cpu_matmul_gflops"]
+        print(f"cpu matmul    fp32 {rates['fp32']:.1f} GFLOP/s, bf16 {rates['bf16']:.1f} GFLOP/s")
+    print(f"precision     train.precision={found['suggested_precision']}: {found['why']}")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     from vaelab.config import (
         dump_yaml,
@@ -242,6 +263,11 @@ def build_parser() -> argparse.ArgumentParser:
         "since the run began (each change is logged)",
     )
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("env", help="the hardware facts that decide vaelab's speed here")
+    p.add_argument("--json", action="store_true", help="print them as JSON")
+    p.add_argument("--no-measure", action="store_true", help="skip the matmul rates (~2 s)")
+    p.set_defaults(func=cmd_env)
 
     p = sub.add_parser("demo", help="decoder-only, VAE and beta-VAE on the embedded MNIST digits")
     p.add_argument("--out", default="runs/demo", help="where the runs go (default: runs/demo)")
