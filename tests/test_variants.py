@@ -55,7 +55,7 @@ def test_sigma_vae_trains_with_the_closed_form_optimal_variance():
     model = make("model.name=sigma_vae").train()
     x = torch.rand(5, *SHAPE)
     logits = torch.randn(3, 5, *SHAPE)
-    recon, nll = model.recon_terms(x, logits)
+    recon, nll = model.likelihood.terms(x, logits)
     mean = torch.sigmoid(logits)
     sse = ((x - mean) ** 2).flatten(2).sum(2)  # (m, B)
     sigma2 = sse.mean().item() / 64
@@ -68,7 +68,7 @@ def test_sigma_vae_trains_with_the_closed_form_optimal_variance():
     assert torch.allclose(recon, nll - 32 * math.log(2 * math.pi))
     # The first training batch sets the model's variance; later ones move it by MOMENTUM.
     assert model.likelihood.sigma2.item() == pytest.approx(sigma2)
-    model.recon_terms(x, torch.zeros_like(logits))  # every mean 1/2
+    model.likelihood.terms(x, torch.zeros_like(logits))  # every mean 1/2
     batch = ((x - 0.5) ** 2).sum().item() / (5 * 64)
     assert model.likelihood.sigma2.item() == pytest.approx(0.9 * sigma2 + 0.1 * batch)
 
@@ -76,13 +76,13 @@ def test_sigma_vae_trains_with_the_closed_form_optimal_variance():
 def test_sigma_vae_evaluates_one_fixed_variance_whatever_the_batch():
     model = make("model.name=sigma_vae").train()
     x = torch.rand(6, *SHAPE)
-    model.recon_terms(x, torch.randn(1, 6, *SHAPE))  # fits the variance
+    model.likelihood.terms(x, torch.randn(1, 6, *SHAPE))  # fits the variance
     fitted = model.likelihood.sigma2.item()
     model.eval()
     logits = torch.randn(2, 6, *SHAPE)
-    whole = model.recon_terms(x, logits)[1]
+    whole = model.likelihood.terms(x, logits)[1]
     parts = torch.cat(
-        [model.recon_terms(x[i : i + 2], logits[:, i : i + 2])[1] for i in (0, 2, 4)], 1
+        [model.likelihood.terms(x[i : i + 2], logits[:, i : i + 2])[1] for i in (0, 2, 4)], 1
     )
     torch.testing.assert_close(whole, parts)  # per image: no batch statistic in evaluation
     flat_x = x.expand(2, *x.shape).flatten(0, 1)
@@ -98,7 +98,7 @@ def test_iwae_with_one_sample_is_the_elbo():
     torch.manual_seed(3)
     out = model(x)
     q, z = posterior_draw(model, x, seed=3)
-    nll = model.recon_terms(x, model.decode_logits(z))[1]
+    nll = model.likelihood.terms(x, model.decode_logits(z))[1]
     single = -nll[0] + losses.standard_normal_log_prob(z[0]) - q.log_prob(z[0])
     torch.testing.assert_close(out.loss, -single)  # the one-sample ELBO estimate
     # Its expectation is the ELBO with the closed-form KL.
@@ -159,7 +159,7 @@ def test_iwae_loss_is_the_log_mean_exp_of_the_weights():
     torch.manual_seed(4)
     out = model(x)
     q, z = posterior_draw(model, x, seed=4, k=7)
-    nll = model.recon_terms(x, model.decode_logits(z))[1]
+    nll = model.likelihood.terms(x, model.decode_logits(z))[1]
     log_w = -nll + losses.standard_normal_log_prob(z) - q.log_prob(z)  # (7, B)
     expected = -(torch.logsumexp(log_w, 0) - math.log(7))
     torch.testing.assert_close(out.loss, expected)

@@ -125,7 +125,13 @@ def save_weights(run_dir: str | Path, model: GenerativeModel, meta: dict[str, An
 def weights_metadata(run_dir: str | Path) -> dict[str, Any]:
     """The metadata saved with a run's weights, e.g. {'format': ..., 'epoch': 3, 'step': 105}."""
     path = Path(run_dir) / rundir.WEIGHTS
-    _, metadata = _read_safetensors(path)
+    if not path.is_file():
+        raise CheckpointError(f"'{path}' not found")
+    try:  # the header only: no tensor is read
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError, TypeError, RuntimeError) as err:
+        raise CheckpointError(f"'{path}': not a readable safetensors file ({err})") from None
     try:
         return {k: v if k == "format" else json.loads(v) for k, v in metadata.items()}
     except (json.JSONDecodeError, RecursionError):

@@ -40,7 +40,6 @@ from vaelab.rng import seeded
 
 log = logging.getLogger(__name__)
 
-EVAL_SEED = metrics.SEED
 # Training points of the beta-VAE and FactorVAE classifiers (half as many evaluation points):
 # the defaults of vaelab.disentanglement; each point encodes a batch of 64 generated images.
 FACTOR_POINTS = 1000
@@ -121,7 +120,7 @@ def evaluate_model(
 
 
 def disentanglement_metrics(
-    model: GenerativeModel, dataset: ImageDataset, source: str, seed: int = EVAL_SEED
+    model: GenerativeModel, dataset: ImageDataset, source: str, seed: int = metrics.SEED
 ) -> dict[str, Any]:
     """MIG on the split's own images; the beta-VAE and FactorVAE scores and DCI on images the
     source draws for chosen factors (vaelab.disentanglement has the definitions)."""

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import math
 import os
+import platform
+import time
 from typing import Any
+
+import torch
 
 
 def available_memory() -> int | None:
@@ -72,8 +76,6 @@ def fast_precision(device: str, flags: frozenset[str], arch: str) -> tuple[str, 
     it natively (a CUDA GPU that supports it, a CPU with AVX512_BF16, AMX-BF16 or ARM bf16),
     fp32 elsewhere. ``device``: "cpu" or "cuda"."""
     if device == "cuda":
-        import torch
-
         if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
             return "bf16", f"{torch.cuda.get_device_name()} computes bf16 natively"
         return "fp32", "this GPU does not support bf16"
@@ -87,13 +89,9 @@ def fast_precision(device: str, flags: frozenset[str], arch: str) -> tuple[str, 
     )
 
 
-def matmul_rate(dtype: Any, n: int, budget: float = 1.0) -> float:
+def matmul_rate(dtype: torch.dtype, n: int, budget: float = 1.0) -> float:
     """GFLOP/s of n x n matmuls in ``dtype`` on the CPU: the best of as many as fit in about
     ``budget`` seconds (at least two)."""
-    import time
-
-    import torch
-
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
     best, spent, runs = math.inf, 0.0, 0
     while runs < 2 or spent < budget:
@@ -108,10 +106,6 @@ def facts(measure: bool = True) -> dict[str, Any]:
     """What decides vaelab's speed here: the CPU, its flags, torch's build and capability, the
     CUDA device, the thread count, measured matmul rates (``measure``) and the precision to
     train in. ``vaelab env`` prints it; benchmarks record it beside their numbers."""
-    import platform
-
-    import torch
-
     model, flags = cpu_info()
     arch = platform.machine()
     cuda = torch.cuda.get_device_name() if torch.cuda.is_available() else None

@@ -26,7 +26,13 @@ from torch import Tensor
 from vaelab import distributed
 from vaelab.data import ImageDataset
 from vaelab.distributed import World
-from vaelab.models.base import RESERVED, GenerativeModel, ModelOutput, StepContext
+from vaelab.models.base import (
+    RESERVED,
+    DiagonalGaussian,
+    GenerativeModel,
+    ModelOutput,
+    StepContext,
+)
 from vaelab.rng import noise_shard, seeded
 
 SEED = 0  # the noise of the evaluation pass: fixed, so epochs and evaluations compare
@@ -64,6 +70,11 @@ def metric(name: str) -> Callable[[Metric], Metric]:
     return wrap
 
 
+def is_number(value: Any) -> bool:
+    """A value of a metrics row or an eval file that is a number (not a bool, a list or None)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def output_terms(out: ModelOutput, model: GenerativeModel) -> dict[str, Tensor]:
     """The per-image values of a forward pass that a metrics row holds: the loss, the model's
     named terms and its logged scalars (``model.logged``, e.g. a learned variance), the ELBO.
@@ -90,7 +101,7 @@ def importance_log_likelihood(
     x: Tensor,
     k: int,
     on_chunk: Callable[[int], object] | None = None,
-    q: Any = None,
+    q: DiagonalGaussian | None = None,
 ) -> Tensor:
     """log p(x) estimated with k importance samples, (B,), in chunks of bounded memory (the
     posterior ``q`` of x if already computed); ``on_chunk(n)`` after each chunk, with n its

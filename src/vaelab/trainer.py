@@ -602,16 +602,12 @@ def _epoch_line(name: str, epoch: int, epochs: int, rows: list[dict[str, Any]]) 
     shown = " ".join(
         f"{k} {v:.3f}" if k == "bpd" else f"{k} {v:.2f}"
         for k, v in val.items()
-        if k not in ("split", "epoch", "step", "seconds", "loss") and _number(v)
+        if k not in ("split", "epoch", "step", "seconds", "loss") and metrics.is_number(v)
     )
     return (
         f"{name} epoch {epoch}/{epochs}: train loss {train['loss']:.2f} | val loss "
         f"{val['loss']:.2f} {shown}"
     )
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _diverged(what: str, run: Path, last_epoch: int) -> TrainingDiverged:
@@ -657,7 +653,7 @@ class _Board:
             return
         for row in rows:
             for key, value in row.items():
-                if key not in ("split", "epoch", "step", "seconds") and _number(value):
+                if key not in ("split", "epoch", "step", "seconds") and metrics.is_number(value):
                     self.writer.add_scalar(f"{key}/{row['split']}", value, row["step"])
         model.eval()
         with seeded(0):

@@ -159,15 +159,6 @@ class GenerativeModel(nn.Module):
         return math.prod(self.shape)
 
     # -- decoder likelihood -------------------------------------------------------------
-    def mean(self, logits: Tensor) -> Tensor:
-        """The decoder's mean in [0, 1] from its logits."""
-        return self.likelihood.mean(logits)
-
-    def recon_terms(self, x: Tensor, logits: Tensor) -> tuple[Tensor, Tensor]:
-        """(recon, nll) per image for x (B, C, H, W) and logits (m, B, C, H, W) -> (m, B) each:
-        -log p(x|z) without its constant, and with it (nats)."""
-        return self.likelihood.terms(x, logits)
-
     def bits_per_dim(self, log_px_nats: float) -> float:
         """Bits per dimension from a per-image log-likelihood (or bound) in nats: the
         likelihood's own conversion (docs/science.md)."""
@@ -189,7 +180,7 @@ class GenerativeModel(nn.Module):
 
     def decode(self, z: Tensor) -> Tensor:
         """The decoder's mean image in [0, 1] for latents z (B, d) -> (B, C, H, W)."""
-        return self.mean(self.decode_logits(z))
+        return self.likelihood.mean(self.decode_logits(z))
 
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0) -> Tensor:

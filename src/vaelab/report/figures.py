@@ -13,6 +13,8 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from vaelab.checkpoint import atomic_write
+from vaelab.metrics import is_number
+from vaelab.models.base import RESERVED
 
 # The panels every run's curves have, with their titles; every other term a model logs in
 # metrics.jsonl gets a panel of its own, titled by its name.
@@ -21,17 +23,15 @@ PANELS = (
     ("kl", "KL(q(z|x) || p(z))"),
     ("loss", "training loss"),
 )
-# metrics.jsonl keys that are not per-epoch terms (bounds and bookkeeping).
-NOT_TERMS = frozenset({"split", "epoch", "step", "seconds", "elbo_nats", "bpd"})
 
 
 def panels(rows: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
     """The curves' panels for these metrics rows: PANELS, then each other numeric term in the
     order the rows first name it."""
-    out, known = list(PANELS), {key for key, _ in PANELS} | NOT_TERMS
+    out, known = list(PANELS), {key for key, _ in PANELS} | RESERVED
     for row in rows:
         for key, value in row.items():
-            if key not in known and isinstance(value, int | float) and not isinstance(value, bool):
+            if key not in known and is_number(value):
                 out.append((key, key))
                 known.add(key)
     return out

@@ -16,6 +16,8 @@ from typing import Any
 
 from vaelab import data, rundir
 from vaelab.checkpoint import CheckpointError, atomic_write, load, read_metrics, run_config
+from vaelab.metrics import is_number
+from vaelab.models.base import RESERVED
 from vaelab.report import pictures
 from vaelab.report.figures import curves_png, grid_png, rate_distortion_png
 
@@ -58,18 +60,16 @@ EVAL_KEYS = [
     ("iw_samples", "importance samples K"),
     ("num_images", "images evaluated"),
 ]
-# Evaluation keys that are neither in EVAL_KEYS nor a model's own term.
-NOT_TERMS = {"split", "seconds", "disentanglement_seconds", "kl_per_dim", "mig_per_factor"}
 
 
 def _other_terms(evals: list[dict[str, Any]]) -> list[tuple[str, str]]:
     """The terms a model adds (sigma2, tc, ...): numbers in eval/val.json that EVAL_KEYS does not
     name, each shown under its own name."""
-    known = {key for key, _ in EVAL_KEYS} | NOT_TERMS
+    known = {key for key, _ in EVAL_KEYS} | RESERVED | {"disentanglement_seconds"}
     out: list[tuple[str, str]] = []
     for e in evals:
         for key, value in e.items():
-            if key not in known and _number(value):
+            if key not in known and is_number(value):
                 out.append((key, f"{key} (a term of the model)"))
                 known.add(key)
     return out
@@ -220,10 +220,6 @@ def is_sweep(folder: str | Path) -> bool:
     return (Path(folder) / SWEEP_FILE).is_file()
 
 
-def _number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
 def _safe_name(name: Any) -> bool:
     """A single folder name: no separators, not '.' or '..', not absolute, not empty."""
     return (
@@ -273,7 +269,7 @@ def write_sweep_report(sweep_dir: str | Path, out: str | Path, *, overwrite: boo
         raise CheckpointError(f"'{sweep_dir}': no run of the sweep has finished an epoch yet")
     for run in runs:
         val = [r for r in read_metrics(run) if r["split"] == "val"]
-        if not val or not all(_number(val[-1].get(k)) for k in ("kl", "elbo_nats")):
+        if not val or not all(is_number(val[-1].get(k)) for k in ("kl", "elbo_nats")):
             continue  # a model without a KL term
         swept = info.get("values", {}).get(run.name, {})
         label = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in swept.items()) or run.name
