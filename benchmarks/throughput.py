@@ -143,7 +143,9 @@ def synthetic_splits(shape: tuple[int, int, int], n_train: int, n_val: int) -> S
 
 
 def run_config(net: str, overrides: list[str]) -> vaelab.RunConfig:
-    return vaelab.load_config(NETS[net][1], [*overrides, "train.progress=false"])
+    # allow_emulated: a benchmark measures the precision it is asked for, emulated or not
+    extra = ["train.progress=false", "train.allow_emulated=true"]
+    return vaelab.load_config(NETS[net][1], [*overrides, *extra])
 
 
 def forward_flops(net: str) -> float:

@@ -1,13 +1,15 @@
 """Hardware detection (vaelab.machine) with the CPU mocked both ways, and `vaelab env`."""
 
 import json
+import platform
 from pathlib import Path
 
 import pytest
 import torch
 
-from vaelab import machine
+from vaelab import machine, speed
 from vaelab.cli import main
+from vaelab.config import ConfigError, TrainConfig
 
 AVX2_ONLY = """processor\t: 0
 vendor_id\t: AuthenticAMD
@@ -88,3 +90,55 @@ def test_vaelab_env_prints_the_facts(capsys):
     assert main(["env"]) == 0
     text = capsys.readouterr().out
     assert "cpu matmul    fp32" in text and "precision     train.precision=" in text
+
+
+def mock_cpu(monkeypatch, cpuinfo: frozenset[str], torch_reports: set[str], arch="x86_64"):
+    """A CPU whose /proc/cpuinfo lists ``cpuinfo`` and whose torch checks report
+    ``torch_reports`` (names of machine.TORCH_CHECKS)."""
+    monkeypatch.setattr(machine, "cpu_info", lambda *a: ("a mocked CPU", cpuinfo))
+    for flag, name in machine.TORCH_CHECKS.items():
+        monkeypatch.setattr(torch.cpu, name, lambda flag=flag: flag in torch_reports)
+    monkeypatch.setattr(platform, "machine", lambda: arch)
+
+
+@pytest.mark.parametrize(
+    ("torch_reports", "native"),
+    [({"avx2"}, False), ({"avx2", "avx512f"}, False), ({"avx2", "avx512f", "avx512_bf16"}, True),
+     ({"avx2", "avx512f", "amx_tile"}, True)],
+)  # fmt: skip
+def test_auto_follows_the_capability_torch_reports(monkeypatch, torch_reports, native):
+    mock_cpu(monkeypatch, frozenset(), torch_reports)  # no /proc/cpuinfo: torch alone decides
+    assert machine.cpu_flags() == torch_reports
+    tc = TrainConfig(precision="auto")
+    precision, why = speed.resolve_precision(tc, torch.device("cpu"))
+    assert precision == ("bf16" if native else "fp32")
+    assert why.startswith(f"train.precision=auto picked {precision}: ")
+
+
+def test_an_emulated_precision_is_refused_in_one_line_unless_allowed(monkeypatch):
+    mock_cpu(monkeypatch, frozenset({"avx2"}), {"avx2"})
+    cpu = torch.device("cpu")
+    for precision in ("bf16", "fp16"):
+        with pytest.raises(ConfigError) as info:
+            speed.resolve_precision(TrainConfig(precision=precision), cpu)
+        line = str(info.value)
+        assert "\n" not in line and line.startswith("config key 'train.precision': ")
+        assert f"emulates {precision}" in line and "AVX" in line  # torch's capability named
+        assert "use fp32 or auto" in line and "train.allow_emulated=true" in line
+        allowed = TrainConfig(precision=precision, allow_emulated=True)
+        got, why = speed.resolve_precision(allowed, cpu)
+        assert got == precision and "although emulated" in why
+    for precision in ("fp32", "fp64"):
+        assert speed.resolve_precision(TrainConfig(precision=precision), cpu) == (precision, "")
+
+
+def test_native_precisions_run_without_a_word(monkeypatch):
+    mock_cpu(monkeypatch, frozenset({"avx512_bf16", "avx512_fp16"}), {"avx2"})  # cpuinfo's word
+    cpu = torch.device("cpu")
+    assert speed.resolve_precision(TrainConfig(precision="bf16"), cpu) == ("bf16", "")
+    assert speed.resolve_precision(TrainConfig(precision="fp16"), cpu) == ("fp16", "")
+    mock_cpu(monkeypatch, frozenset({"asimd", "asimdhp"}), set(), arch="aarch64")
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    assert speed.resolve_precision(TrainConfig(precision="fp16"), cpu) == ("fp16", "")
+    with pytest.raises(ConfigError, match="no ARM bf16"):
+        speed.resolve_precision(TrainConfig(precision="bf16"), cpu)

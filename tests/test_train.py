@@ -14,6 +14,7 @@ from torch.amp import GradScaler
 
 import vaelab
 from tests.conftest import tiny_config
+from vaelab import machine
 from vaelab.checkpoint import CheckpointError, weights_metadata
 from vaelab.config import ConfigError
 from vaelab.models.vae import VAE
@@ -269,7 +270,8 @@ def test_tensorboard_missing_is_a_clear_error_before_anything_is_written(
 
 @pytest.mark.slow
 def test_bf16_fp16_and_channels_last_reach_the_fp32_validation_elbo(tmp_path):
-    common = ["model.widths=[16,32]", "train.epochs=2", "train.progress=false"]
+    common = ["model.widths=[16,32]", "train.epochs=2", "train.progress=false",
+              "train.allow_emulated=true"]  # fmt: skip
     rows = {}
     for name, extra in [
         ("fp32", ["train.channels_last=false"]),
@@ -286,14 +288,44 @@ def test_bf16_fp16_and_channels_last_reach_the_fp32_validation_elbo(tmp_path):
     assert rows["fp16"]["recon"] != rows["fp32"]["recon"]
 
 
+def test_auto_precision_recorded_and_emulated_refused_on_resume(tmp_path, splits, monkeypatch,
+                                                                 caplog):  # fmt: skip
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(machine, "cpu_flags", lambda *a: frozenset({"avx2", "avx512_bf16"}))
+    caplog.set_level("INFO", logger="vaelab")
+    run = vaelab.train(tiny_config("train.precision=auto", "train.epochs=1"), tmp_path / "run",
+                       splits=splits)  # fmt: skip
+    assert "train.precision=auto picked bf16: the CPU computes bf16 natively" in caplog.text
+    text = (run / "config.yaml").read_text()
+    assert "  precision: bf16  # auto picked it: the CPU computes bf16 natively" in text
+    assert vaelab.load_config(run / "config.yaml").train.precision == "bf16"
+    recorded = json.loads((run / "config.json").read_text())["train"]
+    assert recorded["precision"] == "bf16"
+    # The same run on a CPU that emulates bf16: refused in one line, nothing changed; auto
+    # continues it in fp32 and config.yaml says so.
+    monkeypatch.setattr(machine, "cpu_flags", lambda *a: frozenset({"avx2"}))
+    with pytest.raises(ConfigError, match=r"^config key 'train.precision': bf16 would be"):
+        vaelab.resume(run, ["train.epochs=2"], splits=splits)
+    assert (run / "config.yaml").read_text() == text
+    vaelab.resume(run, ["train.epochs=2", "train.precision=auto"], splits=splits)
+    assert (
+        "  precision: fp32  # auto picked it: the CPU has no native bf16"
+        in (run / "config.yaml").read_text()
+    )
+    assert [r["epoch"] for r in read_metrics(run) if r["split"] == "val"] == [1, 2]
+    # An explicit bf16 here fails before anything is written.
+    with pytest.raises(ConfigError, match="train.allow_emulated=true"):
+        vaelab.train(tiny_config("train.precision=bf16"), tmp_path / "new", splits=splits)
+    assert not (tmp_path / "new").exists()
+
+
 def test_fp16_run_resumes_exactly_with_its_gradient_scaler(tmp_path, splits, monkeypatch):
     # A start scale at which fp16 gradients overflow here: the scaler skips the first steps and
     # halves its scale, so a resume that forgot the scale would skip steps again.
     monkeypatch.setattr(torch.amp, "GradScaler", functools.partial(GradScaler, init_scale=2.0**17))
-    cfg = tiny_config("train.precision=fp16", "train.epochs=2")
-    whole = vaelab.train(cfg, tmp_path / "whole", splits=splits)
-    part = vaelab.train(tiny_config("train.precision=fp16", "train.epochs=1"), tmp_path / "part",
-                        splits=splits)  # fmt: skip
+    fp16 = ["train.precision=fp16", "train.allow_emulated=true"]
+    whole = vaelab.train(tiny_config(*fp16, "train.epochs=2"), tmp_path / "whole", splits=splits)
+    part = vaelab.train(tiny_config(*fp16, "train.epochs=1"), tmp_path / "part", splits=splits)
     with safe_open(str(part / "state" / "train_state.safetensors"), "pt") as f:
         scaler = json.loads(f.metadata()["counters"])["grad_scaler"]
     assert scaler["scale"] < 2.0**17 and scaler["_growth_tracker"] > 0  # backed off, then stepped

@@ -116,7 +116,10 @@ class TrainConfig:
     device: str = "cpu"  # cpu | cuda | auto
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
     # fp32 | bf16 | fp16 (autocast for the networks; losses stay fp32) | fp64 (numerical checks)
+    # | auto (bf16 where the device computes it natively, else fp32; config.yaml records which)
     precision: str = "fp32"
+    # run an explicit bf16/fp16 on a CPU that emulates it (10x or more slower than fp32) anyway
+    allow_emulated: bool = False
     channels_last: bool = True  # NHWC memory format for conv networks (faster on CPUs)
     compile: bool = False  # torch.compile the model (falls back to eager, with a message)
     fused_adam: bool = True  # Adam's fused kernel (false: torch's default implementation)
@@ -138,9 +141,9 @@ class TrainConfig:
         )
         require(self.device in ("cpu", "cuda", "auto"), "train.device", "cpu, cuda or auto")
         require(
-            self.precision in ("fp32", "bf16", "fp16", "fp64"),
+            self.precision in ("fp32", "bf16", "fp16", "fp64", "auto"),
             "train.precision",
-            "fp32, bf16, fp16 or fp64",
+            "fp32, bf16, fp16, fp64 or auto",
         )
         require(self.log_every >= 1, "train.log_every", "an integer >= 1")
         require(self.threads >= 0, "train.threads", "an integer >= 0")
@@ -512,5 +515,16 @@ class ConfigDumper(yaml.SafeDumper):
 ConfigDumper.yaml_implicit_resolvers = ConfigLoader.yaml_implicit_resolvers
 
 
-def dump_yaml(cfg: RunConfig) -> str:
-    return yaml.dump(cfg.to_dict(), Dumper=ConfigDumper, sort_keys=False)
+def dump_yaml(cfg: RunConfig, comments: dict[str, str] | None = None) -> str:
+    """The config as YAML; ``comments``: a line-end comment for some keys ("train.precision")."""
+    text = yaml.dump(cfg.to_dict(), Dumper=ConfigDumper, sort_keys=False)
+    if not comments:
+        return text
+    lines, section = text.splitlines(), ""
+    for i, line in enumerate(lines):
+        key = line.strip().partition(":")[0]
+        if not line.startswith(" "):
+            section = key
+        elif f"{section}.{key}" in comments:
+            lines[i] += f"  # {comments[f'{section}.{key}']}"
+    return "\n".join(lines) + "\n"

@@ -43,7 +43,21 @@ FLAGS_THAT_MATTER = (
     "asimd",
     "sve",
     "bf16",
+    "fphp",
+    "asimdhp",
 )
+# torch's own CPU detection (its cpuinfo library, also where /proc/cpuinfo is not: macOS,
+# Windows), by the /proc/cpuinfo flag each check stands for.
+TORCH_CHECKS = {
+    "avx2": "_is_avx2_supported",
+    "avx512f": "_is_avx512_supported",
+    "avx512_bf16": "_is_avx512_bf16_supported",
+    "amx_tile": "_is_amx_tile_supported",
+    "amx_fp16": "_is_amx_fp16_supported",
+}
+# Every CPU with AMX tiles (Intel Sapphire Rapids and later) computes bf16 in them.
+NATIVE_BF16 = {"avx512_bf16", "amx_bf16", "amx_tile"}
+NATIVE_FP16 = {"avx512_fp16", "amx_fp16"}
 
 
 def cpu_info(path: str = "/proc/cpuinfo") -> tuple[str, frozenset[str]]:
@@ -64,11 +78,54 @@ def cpu_info(path: str = "/proc/cpuinfo") -> tuple[str, frozenset[str]]:
     return model, frozenset(flags)
 
 
+def torch_cpu_flags(arch: str) -> frozenset[str]:
+    """The FLAGS_THAT_MATTER as torch itself reports them (the checks this torch has)."""
+    found = set()
+    for flag, name in TORCH_CHECKS.items():
+        check = getattr(torch.cpu, name, None)
+        if check is not None and check():
+            found.add(flag)
+    if _is_arm(arch):  # on ARM, oneDNN's bf16 check is the CPU's bf16 feature
+        check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+        if check is not None and check():
+            found.add("bf16")
+    return frozenset(found)
+
+
+def cpu_flags(arch: str | None = None) -> frozenset[str]:
+    """The FLAGS_THAT_MATTER of this CPU: those /proc/cpuinfo lists and those torch reports."""
+    return cpu_info()[1] | torch_cpu_flags(arch or platform.machine())
+
+
+def _is_arm(arch: str) -> bool:
+    return arch in ("aarch64", "arm64")
+
+
 def native_bf16(flags: frozenset[str], arch: str) -> bool:
     """Whether a CPU with these flags computes bf16 natively (``arch``: platform.machine())."""
-    if arch in ("aarch64", "arm64"):
+    if _is_arm(arch):
         return "bf16" in flags
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    return bool(flags & NATIVE_BF16)
+
+
+def native_fp16(flags: frozenset[str], arch: str) -> bool:
+    """Whether a CPU with these flags computes fp16 natively (ARM's half-precision arithmetic,
+    x86's AVX512-FP16 or AMX-FP16)."""
+    if _is_arm(arch):
+        return bool(flags & {"fphp", "asimdhp"})
+    return bool(flags & NATIVE_FP16)
+
+
+def emulated(precision: str, flags: frozenset[str], arch: str) -> str | None:
+    """Why a CPU with these flags emulates ``precision`` (bf16 or fp16), None where it does
+    not (fp32 and fp64 are native everywhere)."""
+    if precision == "bf16" and not native_bf16(flags, arch):
+        needs = "ARM bf16" if _is_arm(arch) else "avx512_bf16 or amx_bf16"
+    elif precision == "fp16" and not native_fp16(flags, arch):
+        needs = "ARM fphp" if _is_arm(arch) else "avx512_fp16 or amx_fp16"
+    else:
+        return None
+    return f"this CPU has no {needs}: it emulates {precision}"
 
 
 def fast_precision(device: str, flags: frozenset[str], arch: str) -> tuple[str, str]:
@@ -80,7 +137,7 @@ def fast_precision(device: str, flags: frozenset[str], arch: str) -> tuple[str, 
             return "bf16", f"{torch.cuda.get_device_name()} computes bf16 natively"
         return "fp32", "this GPU does not support bf16"
     if native_bf16(flags, arch):
-        which = sorted(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+        which = sorted(flags & (NATIVE_BF16 | {"bf16"}))
         return "bf16", f"the CPU computes bf16 natively ({', '.join(which)})"
     return (
         "fp32",
@@ -106,8 +163,8 @@ def facts(measure: bool = True) -> dict[str, Any]:
     """What decides vaelab's speed here: the CPU, its flags, torch's build and capability, the
     CUDA device, the thread count, measured matmul rates (``measure``) and the precision to
     train in. ``vaelab env`` prints it; benchmarks record it beside their numbers."""
-    model, flags = cpu_info()
     arch = platform.machine()
+    model, flags = cpu_info()[0], cpu_flags(arch)
     cuda = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     precision, why = fast_precision("cuda" if cuda else "cpu", flags, arch)
     out: dict[str, Any] = {

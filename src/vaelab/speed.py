@@ -8,7 +8,10 @@ computes (up to rounding).
 - ``train.cpu_memory_cache`` (CPU, glibc; on by default): freed memory stays in the process for
   reuse, for the rest of the process's life (glibc cannot undo it): set it false to leave the
   allocator of a larger program (a notebook, a service) as it was;
-- ``train.precision`` bf16/fp16: autocast for the networks (the losses stay fp32);
+- ``train.precision`` bf16/fp16: autocast for the networks (the losses stay fp32); ``auto``
+  picks bf16 where the device computes it natively, fp32 elsewhere (``resolve_precision``), and
+  an explicit bf16 or fp16 on a CPU that would emulate it is refused unless
+  ``train.allow_emulated`` (emulated, they run 10x or more slower than fp32);
 - ``train.fused_adam``: Adam's fused kernel (the trainer builds the optimizer with it);
 - on CUDA, cuDNN's search for the fastest convolution algorithms (every step has one shape).
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import platform
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -29,7 +33,8 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from vaelab.config import TrainConfig
+from vaelab import machine
+from vaelab.config import ConfigError, TrainConfig
 from vaelab.nets.fast import speed_up
 
 T = TypeVar("T")
@@ -77,6 +82,34 @@ def process_settings(tc: TrainConfig) -> Iterator[None]:
     finally:
         torch.set_num_threads(threads)
         torch.backends.cudnn.benchmark = benchmark
+
+
+def resolve_precision(tc: TrainConfig, device: torch.device) -> tuple[str, str]:
+    """The precision a run trains in on ``device`` and a line saying why for its log ("" when
+    it is simply the one asked for). ``auto``: bf16 where the device computes it natively (a
+    CUDA GPU with bf16; a CPU with AVX512_BF16, AMX or ARM bf16), fp32 elsewhere. An explicit
+    bf16 or fp16 that the device cannot run, or that the CPU would emulate, is a ConfigError,
+    unless train.allow_emulated (then the line warns)."""
+    arch = platform.machine()
+    flags = machine.cpu_flags(arch) if device.type == "cpu" else frozenset()
+    if tc.precision == "auto":
+        precision, why = machine.fast_precision(device.type, flags, arch)
+        return precision, f"train.precision=auto picked {precision}: {why}"
+    if device.type == "cuda" and tc.precision == "bf16" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"config key 'train.precision': bf16 is not supported on {device}")
+    why = machine.emulated(tc.precision, flags, arch) if device.type == "cpu" else None
+    if why is None:
+        return tc.precision, ""
+    where = f"{why} (torch's CPU capability: {torch.backends.cpu.get_cpu_capability()})"
+    if not tc.allow_emulated:
+        raise ConfigError(
+            f"config key 'train.precision': {tc.precision} would be 10x or more slower than fp32 "
+            f"here, {where}: use fp32 or auto, or set train.allow_emulated=true to run it anyway"
+        )
+    return tc.precision, (
+        f"train.precision={tc.precision} although emulated, 10x or more slower than fp32: {where} "
+        "(train.allow_emulated=true)"
+    )
 
 
 def prepare(model: nn.Module, tc: TrainConfig, device: torch.device) -> nn.Module:

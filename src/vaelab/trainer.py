@@ -23,7 +23,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,7 @@ RESUMABLE_KEYS = (
     "data.workers",
     "train.epochs",
     "train.precision",
+    "train.allow_emulated",
     "train.channels_last",
     "train.compile",
     "train.fused_adam",
@@ -91,6 +92,7 @@ class Session:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     board: _Board
+    picked: str = ""  # why train.precision=auto picked what it did ("" when it was not auto)
 
     def context(self, step: int, epoch: int) -> StepContext:
         """The step context the model's forward pass reads."""
@@ -109,8 +111,13 @@ def setup(cfg: RunConfig, splits: Splits | None = None) -> Session:
             f"config key 'train.batch_size': the global batch is split over {world.size} "
             f"processes, expected a multiple of {world.size}, got {tc.batch_size}"
         )
-    if tc.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ConfigError(f"config key 'train.precision': bf16 is not supported on {device}")
+    requested = tc.precision
+    precision, why = speed.resolve_precision(tc, device)
+    if why and world.is_main:  # auto's pick (info), or an emulated precision run anyway
+        log.info(why) if requested == "auto" else log.warning(why)
+    if precision != tc.precision:  # auto, resolved: what config.yaml records and resume reads
+        cfg = replace(cfg, train=replace(tc, precision=precision))
+        tc = cfg.train
     board = _Board(tc.tensorboard and world.is_main)
     models.MODELS[cfg.model.name].check_run(cfg, world.size)
     distributed.init(world, device)
@@ -147,7 +154,8 @@ def setup(cfg: RunConfig, splits: Splits | None = None) -> Session:
     optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr, fused=tc.fused_adam or None)
     scaler = torch.amp.GradScaler(device.type, enabled=tc.precision == "fp16")
     forward = speed.Forward(module, tc, device, world.distributed)
-    return Session(cfg, splits, device, world, model, forward, optimizer, scaler, board)
+    picked = why.partition(": ")[2] if requested == "auto" else ""
+    return Session(cfg, splits, device, world, model, forward, optimizer, scaler, board, picked)
 
 
 def train(
@@ -173,6 +181,7 @@ def _train_new(
     run: Path, cfg: RunConfig, splits: Splits | None, on_epoch_end: EpochCallback | None
 ) -> Path:
     session = setup(cfg, splits)
+    cfg = session.cfg  # train.precision=auto resolved
     recorded = _recording(cfg, session.splits) if session.world.is_main else {}
     distributed.barrier(session.world)  # every rank has checked `out` before rank 0 writes it
     lock = None
@@ -186,7 +195,7 @@ def _train_new(
             raise
         try:
             save_model_config(run, session.model, recorded)
-            atomic_write(run / rundir.CONFIG, dump_yaml(cfg))  # last: it marks the folder as a run
+            atomic_write(run / rundir.CONFIG, _config_text(cfg, session))  # last: marks a run
         except BaseException:
             _remove_unfinished(run, created, lock)
             raise
@@ -255,7 +264,7 @@ def resume(
             if world.is_main:
                 rundir.remove_stale_temporaries(run)
                 if overrides:
-                    atomic_write(run / rundir.CONFIG, dump_yaml(cfg))
+                    atomic_write(run / rundir.CONFIG, _config_text(cfg, session))
             return fit(run, session, counters, rows, on_epoch_end)
     finally:
         if lock is not None:
@@ -293,6 +302,7 @@ def _reopen(
         _check_unchanged(run, cfg, recorded, accept_changes)
     settings.enter_context(speed.process_settings(cfg.train))
     session = setup(cfg, splits)
+    cfg = session.cfg  # train.precision=auto resolved
     if started:
         _check_same_data(run, session.splits, recorded, accept_changes)
         if accept_changes and session.world.is_main:
@@ -317,6 +327,12 @@ def _reopen(
         )
     distributed.barrier(session.world)  # every rank has read the run before rank 0 writes
     return cfg, counters, rows, session
+
+
+def _config_text(cfg: RunConfig, session: Session) -> str:
+    """config.yaml: the resolved config, saying why where train.precision=auto picked."""
+    picked = f"auto picked it: {session.picked}" if session.picked else ""
+    return dump_yaml(cfg, {"train.precision": picked} if picked else None)
 
 
 def _recording(cfg: RunConfig, splits: Splits) -> dict[str, Any]:
