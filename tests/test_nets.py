@@ -43,11 +43,19 @@ def test_conv_widths_change_the_network():
     assert count(big) > count(small)
 
 
+@pytest.fixture(params=[True, False], ids=["avx512", "avx2"])
+def wide(monkeypatch, request):
+    """fast.WIDE_VECTORS: each test runs as on a CPU with AVX-512 and as on one with AVX2
+    only, whatever this one has."""
+    monkeypatch.setattr(fast, "WIDE_VECTORS", request.param)
+    return request.param
+
+
 @pytest.fixture
-def paths(monkeypatch):
+def paths(monkeypatch, wide):
     """Counts of the fast paths taken: "few pixels" (a matrix product), "summed bias",
     "few outputs" (the backward over the output gradient's taps) and "blocks" (a few-outputs
-    convolution computed for 2x2 pixels at once)."""
+    convolution computed for 2x2 pixels at once), with and without WIDE_VECTORS."""
     counts = {"few pixels": 0, "summed bias": 0, "few outputs": 0, "blocks": 0}
 
     def counted(name, fn):
@@ -151,7 +159,7 @@ def test_fast_conv_matches_torch_in_fp64(size, stride, padding, bias, few, chann
      (3, 1, 0, True), (5, 3, 1, True)],
 )  # fmt: skip
 def test_fast_conv_with_few_outputs_matches_torch_in_fp64(
-    out_channels, kernel, padding, bias, channels_last, size, paths
+    out_channels, kernel, padding, bias, channels_last, size, paths, wide
 ):
     torch.manual_seed(0)
     ref = torch.nn.Conv2d(6, out_channels, kernel, padding=padding, bias=bias).double()
@@ -169,7 +177,7 @@ def test_fast_conv_with_few_outputs_matches_torch_in_fp64(
         == (size[1] + 2 * ref.padding[1] - kw + 1) % 2
     )
     assert paths["few outputs"] == taken
-    assert paths["blocks"] == (taken and even)
+    assert paths["blocks"] == (taken and even and wide)
     if taken:
         grad_x = x.clone().requires_grad_()
         fast_layer(grad_x).sum().backward()
@@ -185,11 +193,11 @@ def test_fast_conv_with_few_outputs_matches_torch_in_fp64(
             torch.testing.assert_close(y, ref(x), rtol=0, atol=1e-12)
             assert y.is_contiguous(memory_format=torch.channels_last)
         assert paths["few outputs"] == 3
-        assert paths["blocks"] == 4 * even
+        assert paths["blocks"] == 4 * (even and wide)
 
 
 @pytest.mark.parametrize("size", [7, 8])  # torch's convolution, then the 2x2 blocks
-def test_fast_conv_with_few_outputs_allows_what_torchs_layer_allows(size, paths):
+def test_fast_conv_with_few_outputs_allows_what_torchs_layer_allows(size, paths, wide):
     torch.manual_seed(0)
     ref = torch.nn.Conv2d(5, 3, 3, padding=1).double().to(memory_format=torch.channels_last)
     x = torch.randn(1, 5, size, size, dtype=torch.float64)  # a batch of one
@@ -205,7 +213,8 @@ def test_fast_conv_with_few_outputs_allows_what_torchs_layer_allows(size, paths)
         assert layer.weight.grad is None
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
-    assert paths["few outputs"] == 1 and paths["blocks"] == (size % 2 == 0)
+    assert paths["few outputs"] == 1
+    assert paths["blocks"] == (size % 2 == 0 and wide)
 
 
 def test_few_outputs_backward_keeps_the_forwards_precision(paths):

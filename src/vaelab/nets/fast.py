@@ -18,10 +18,14 @@ on. Measured on 2 cores, CelebA-64 network, batch 64, bf16 (benchmarks/throughpu
   positions per image, so the unfolded input is small): 1.3-1.5x faster, forward and backward,
   measured alone in bf16. Other geometries take torch's path (not measured faster).
 - Stride-1 convolutions with at most ``FEW_CHANNELS`` outputs and a channels-last input (the
-  output layer, 32 -> 3 channels at 64x64): oneDNN pads the 3 output channels to 16. The
-  forward computes 2x2 output pixels at once (``_conv_in_blocks``, 12 channels): 4.6 ms in the
-  step, was 6.6. The backward is two matrix products over the taps of the output gradient
-  (``_ConvFewOutputsBackward``): 6.5 ms, was about 17 (benchmarks/layer_times.py).
+  output layer, 32 -> 3 channels at 64x64): the weight gradient is a matrix product over the
+  taps of the output gradient (``_ConvFewOutputsBackward``). With AVX-512 (``WIDE_VECTORS``)
+  oneDNN pads the 3 output channels to 16: there the forward computes 2x2 output pixels at
+  once (``_conv_in_blocks``, 12 channels; 4.6 ms in the bf16 step, was 6.6) and the input
+  gradient is a matrix product too (the backward 6.5 ms, was about 17). With AVX2 (8 lanes) the
+  blocks and that input gradient cost more than torch's (fp32, batch 64, AMD EPYC Zen 3:
+  forward 11.0 ms against 8.9, input gradient 5.6 against 3.0), so there both are torch's and
+  only the weight gradient is vaelab's (6.3 ms plus 1.7 to gather the taps, against 17.4).
 
 ``speed_up`` also makes each LeakyReLU right after a batch norm work in place.
 """
@@ -40,7 +44,10 @@ FEW_PIXELS = 4  # a 3x3 stride-2 convolution whose small side (its output; a tra
 # input) has at most this many pixels per image and channel is one matrix product (measured
 # faster there; the other side then has at most 4 x FEW_PIXELS)
 FEW_CHANNELS = 4  # a stride-1 convolution with at most this many output channels (an image's
-# colours) is computed in 2x2 blocks, its backward over the output gradient's taps
+# colours) has its weight gradient over the output gradient's taps (and, with WIDE_VECTORS, is
+# computed in 2x2 blocks)
+# AVX-512: oneDNN pads a convolution's few output channels to 16 (fp32 lanes; bf16 too)
+WIDE_VECTORS = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
 def _plain(layer: nn.Conv2d | nn.ConvTranspose2d, x: Tensor) -> bool:
@@ -151,8 +158,9 @@ def _few_outputs_conv(
     x: Tensor, weight: Tensor, bias: Tensor | None, padding: list[int], size: tuple[int, int]
 ) -> Tensor:
     """A stride-1 convolution with few output channels (output ``size``): by
-    ``_conv_in_blocks`` where both sizes are even, else ``F.conv2d``."""
-    if size[0] % 2 or size[1] % 2:
+    ``_conv_in_blocks`` where both sizes are even and the CPU has WIDE_VECTORS, else
+    ``F.conv2d``."""
+    if size[0] % 2 or size[1] % 2 or not WIDE_VECTORS:
         return F.conv2d(x, weight, bias, 1, padding)
     return _conv_in_blocks(x, weight, bias, padding, *size)
 
@@ -187,9 +195,9 @@ def _conv_in_blocks(
 
 
 class _ConvFewOutputsBackward(torch.autograd.Function):
-    """A stride-1 convolution with few output channels (``_few_outputs_conv``) whose backward
-    is two matrix products over the kernel taps of the output gradient (its im2col: small, as
-    the output has few channels)."""
+    """A stride-1 convolution with few output channels (``_few_outputs_conv``) whose weight
+    gradient (and, with WIDE_VECTORS, input gradient) is a matrix product over the kernel taps
+    of the output gradient (its im2col: small, as the output has few channels)."""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cpu")  # the backward runs under the forward's autocast
@@ -212,6 +220,16 @@ class _ConvFewOutputsBackward(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         (b, c, h, w), (o, _, kh, kw) = x.shape, weight.shape
         ph, pw = ctx.padding
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0] and not WIDE_VECTORS:  # torch's input gradient: faster there
+            grad_x = torch.ops.aten.convolution_backward(
+                grad, x, weight, None, [1, 1], ctx.padding, [1, 1], False, [0, 0], 1,
+                [True, False, False],
+            )[0]  # fmt: skip
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad.sum(dim=(0, 2, 3))
+        if not (ctx.needs_input_grad[1] or (ctx.needs_input_grad[0] and WIDE_VECTORS)):
+            return grad_x, grad_w, grad_b, None, None
         # x[i, j] meets grad[i + ph - p, j + pw - q] through tap (p, q): with the gradient
         # padded by k - 1 - padding, that is padded[i + kh - 1 - p, j + kw - 1 - q].
         padded = F.pad(
@@ -223,15 +241,12 @@ class _ConvFewOutputsBackward(torch.autograd.Function):
             for q in range(kw)
         ]
         cols = torch.stack(taps).view(kh * kw * o, b * h * w)  # row (p, q, o), column (b, i, j)
-        rows = x.permute(0, 2, 3, 1).reshape(b * h * w, c)  # a view: x is channels-last
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0] and WIDE_VECTORS:
             taps_w = weight.permute(2, 3, 0, 1).reshape(kh * kw * o, c)
             grad_x = (cols.t() @ taps_w).view(b, h, w, c).permute(0, 3, 1, 2)  # channels-last
         if ctx.needs_input_grad[1]:
+            rows = x.permute(0, 2, 3, 1).reshape(b * h * w, c)  # a view: x is channels-last
             grad_w = (cols @ rows).view(kh, kw, o, c).permute(2, 3, 0, 1).contiguous()
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = grad.sum(dim=(0, 2, 3))
         return grad_x, grad_w, grad_b, None, None
 
 
@@ -251,8 +266,8 @@ def _few_outputs(layer: nn.Conv2d, x: Tensor, size: tuple[int, int]) -> bool:
 
 class FastConv2d(nn.Conv2d):
     """``nn.Conv2d``; one matrix product when the output has at most ``FEW_PIXELS`` pixels;
-    2x2 output blocks and a backward over the output gradient's taps when it has at most
-    ``FEW_CHANNELS`` channels."""
+    a backward over the output gradient's taps (and 2x2 output blocks with WIDE_VECTORS) when
+    it has at most ``FEW_CHANNELS`` channels."""
 
     def forward(self, x: Tensor) -> Tensor:
         if not _plain(self, x):
