@@ -21,7 +21,12 @@ CPU, the run refuses to report when other processes used more than 10% of the CP
 (--force reports anyway, marked).
 
     python benchmarks/throughput.py [--device cpu|cuda] [--nets celeba64 mnist]
-        [--batches 64 144] [--reps 5] [--min-seconds 1] [--compile] [--fp32-only] [--out FILE]
+        [--batches 64 144] [--reps 5] [--min-seconds 1] [--compile] [--fp32-only] [--emulated]
+        [--out FILE]
+
+The results file (default benchmarks/results/CLASS/throughput.json, CLASS the machine's: avx2,
+avx512, avx512_bf16, amx, arm, arm_bf16 or the GPU's name) records the hardware facts of
+`vaelab env`. On a CPU that emulates bf16 the bf16 paths are skipped unless --emulated.
 """
 
 from __future__ import annotations
@@ -403,17 +408,25 @@ def main() -> None:
     parser.add_argument("--compile-batches", nargs="+", type=int, default=[144])
     parser.add_argument("--no-pythae", action="store_true", help="skip pythae even if installed")
     parser.add_argument(
-        "--fp32-only",
+        "--fp32-only", action="store_true", help="skip the bf16 paths and the bf16 matmul peak"
+    )
+    parser.add_argument(
+        "--emulated",
         action="store_true",
-        help="skip the bf16 paths and the bf16 matmul peak (a CPU without native bf16 emulates "
-        "it, 10-16x slower: the bf16 rows alone take tens of minutes there)",
+        help="time the bf16 paths even on a CPU that emulates bf16 (by default they are skipped "
+        "there: 10-16x slower than fp32, the bf16 rows alone take tens of minutes)",
     )
     parser.add_argument("--force", action="store_true", help="report even on a busy CPU")
-    parser.add_argument("--out", default=str(HERE / "results" / "throughput.json"))
+    parser.add_argument("--out", help="default: benchmarks/results/CLASS/throughput.json")
     args = parser.parse_args()
     device = torch.device(args.device)
     if args.reps < 5 and not args.force:
         parser.error("--reps: at least 5 repetitions for a reported median (or --force)")
+    facts = machine(device)
+    if device.type == "cpu" and not facts["native_bf16"] and not args.emulated:
+        print("this CPU emulates bf16 (vaelab env): the bf16 paths are skipped (--emulated)")
+        args.fp32_only = True
+    args.out = args.out or str(HERE / "results" / hardware_class(facts) / "throughput.json")
 
     with watched(args.force, device) as watch:
         peak = {"fp32": matmul_peak(torch.float32, device)}
@@ -446,7 +459,7 @@ def main() -> None:
                 print_rows(rows[-len(workers) :])
         others = watch.others_share()
     record = {
-        "machine": machine(device),
+        "machine": facts,
         "matmul_peak_gflops": {k: round(v, 1) for k, v in peak.items()},
         "other_processes_cpu_share": round(others, 3),
         "reps": args.reps,
@@ -525,6 +538,18 @@ def write_record(out: str | Path, record: dict) -> None:
             f.write(json.dumps(record) + "\n")
     else:
         out.write_text(json.dumps(record, indent=2) + "\n")
+
+
+def hardware_class(facts: dict) -> str:
+    """The results folder of a machine: its GPU, or its CPU class (what decides the speed)."""
+    if facts.get("gpu"):
+        return facts["gpu"].split()[-1].lower()  # "NVIDIA H200" -> h200
+    flags = set(facts["cpu_flags"])
+    if facts["arch"] in ("aarch64", "arm64"):
+        return "arm_bf16" if facts["native_bf16"] else "arm"
+    if facts["native_bf16"]:
+        return "amx" if flags & {"amx_tile", "amx_bf16"} else "avx512_bf16"
+    return "avx512" if "avx512f" in flags else "avx2"
 
 
 def machine(device: torch.device) -> dict:

@@ -176,8 +176,10 @@ class Forward:
     def __call__(self, *args: Any) -> Any:
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are consumed
+        # "is None", not "or": a compiled module's truth value asks the model for its len()
+        module = self.eager if self.compiled is None else self.compiled
         with autocast(self.precision, self.device):
-            return (self.compiled or self.eager)(*args)
+            return module(*args)
 
     def guard(self, step: Callable[[], T], model: nn.Module) -> T:
         """Run ``step`` (a forward and backward pass; not the optimizer's update). The first
