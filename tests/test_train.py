@@ -366,7 +366,8 @@ def test_a_failing_compile_falls_back_to_eager_with_the_same_weights(tmp_path, s
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_compile_really_compiles_and_trains_as_eager(tmp_path, splits, monkeypatch, capsys):
+def test_compile_really_compiles_and_trains_as_eager(tmp_path, splits, monkeypatch, capsys,
+                                                     caplog):  # fmt: skip
     """train.compile=true goes through a real torch.compile (dynamo; a backend that runs the
     captured graphs as they are, so no C++ compiler is needed) without falling back."""
     eager = vaelab.train(tiny_config("train.epochs=1"), tmp_path / "eager", splits=splits)
@@ -385,6 +386,7 @@ def test_compile_really_compiles_and_trains_as_eager(tmp_path, splits, monkeypat
     )
     assert "torch.compile failed" not in capsys.readouterr().out
     assert graphs  # dynamo captured the forward
+    assert "train.compile on a CPU: compiling takes about a minute" in caplog.text
     a, b = weights(eager), weights(run)
     assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5) for k in a)
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import platform
 import sys
 from collections.abc import Callable, Iterator
@@ -38,6 +39,7 @@ from vaelab.config import ConfigError, TrainConfig
 from vaelab.nets.fast import speed_up
 
 T = TypeVar("T")
+log = logging.getLogger("vaelab")
 
 
 def cache_cpu_memory() -> bool:
@@ -172,6 +174,11 @@ class Forward:
             else None
         )
         self.pending = tc.compile  # the first (compiling) step has not run yet
+        if tc.compile and device.type == "cpu":
+            log.warning(
+                "train.compile on a CPU: compiling takes about a minute, and the compiled step "
+                "was not measured faster than vaelab's eager one (docs/performance.md)"
+            )
 
     def __call__(self, *args: Any) -> Any:
         if self.cuda_graphs:
