@@ -460,7 +460,9 @@ def main() -> None:
         others = watch.others_share()
     record = {
         "machine": facts,
-        "matmul_peak_gflops": {k: round(v, 1) for k, v in peak.items()},
+        "matmul_peak_gflops": {
+            k: round(v, 1) if math.isfinite(v) else None for k, v in peak.items()
+        },
         "other_processes_cpu_share": round(others, 3),
         "reps": args.reps,
         "steps_per_rep": args.steps,

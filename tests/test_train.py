@@ -2,8 +2,10 @@ import functools
 import importlib
 import json
 import math
+import os
 import platform
 import resource
+import signal
 import subprocess
 import sys
 
@@ -309,7 +311,7 @@ def test_auto_precision_recorded_and_emulated_refused_on_resume(tmp_path, splits
     assert (run / "config.yaml").read_text() == text
     vaelab.resume(run, ["train.epochs=2", "train.precision=auto"], splits=splits)
     assert (
-        "  precision: fp32  # auto picked it: the CPU has no native bf16"
+        "  precision: fp32  # auto picked it: the CPU has no avx512_bf16"
         in (run / "config.yaml").read_text()
     )
     assert [r["epoch"] for r in read_metrics(run) if r["split"] == "val"] == [1, 2]
@@ -389,6 +391,28 @@ def test_compile_really_compiles_and_trains_as_eager(tmp_path, splits, monkeypat
     assert "train.compile on a CPU: compiling takes about a minute" in caplog.text
     a, b = weights(eager), weights(run)
     assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5) for k in a)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # Python's report
+def test_ctrl_c_stops_training_even_when_it_lands_in_a_finalizer(tmp_path, splits):
+    """A KeyboardInterrupt raised inside a __del__ is printed and ignored by Python; the
+    trainer still stops at the next step, keeping the last finished epoch."""
+
+    class Finalized:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):  # the handler runs here, and its exception is ignored
+                pass
+
+    def on_epoch_end(epoch, rows):
+        if epoch == 1:
+            Finalized()  # dropped at once: __del__ runs
+
+    with pytest.raises(KeyboardInterrupt):
+        vaelab.train(tiny_config("train.epochs=3"), tmp_path / "run", splits=splits,
+                     on_epoch_end=on_epoch_end)  # fmt: skip
+    assert [r["epoch"] for r in read_metrics(tmp_path / "run") if r["split"] == "val"] == [1]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
 
 
 CACHE_PROBE = """

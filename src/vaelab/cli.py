@@ -209,7 +209,8 @@ def cmd_env(args: argparse.Namespace) -> int:
     if "cpu_matmul_gflops" in found:
         rates = found["cpu_matmul_gflops"]
         print(f"cpu matmul    fp32 {rates['fp32']:.1f} GFLOP/s, bf16 {rates['bf16']:.1f} GFLOP/s")
-    print(f"precision     train.precision={found['suggested_precision']}: {found['why']}")
+    picks = found["suggested_precision"]
+    print(f"precision     train.precision=auto picks {picks}: {found['why']}")
     return 0
 
 

@@ -141,8 +141,8 @@ def fast_precision(device: str, flags: frozenset[str], arch: str) -> tuple[str, 
         return "bf16", f"the CPU computes bf16 natively ({', '.join(which)})"
     return (
         "fp32",
-        "the CPU has no native bf16 (no avx512_bf16, amx_bf16 or ARM bf16): it emulates it (a "
-        "CelebA-64 training step 10-16x slower than in fp32 on an AVX2-only AMD EPYC)",
+        "the CPU has no avx512_bf16, amx_bf16 or ARM bf16: it emulates bf16 (a CelebA-64 step "
+        "11-16x slower than fp32 on an AVX2-only AMD EPYC)",
     )
 
 

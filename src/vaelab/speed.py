@@ -87,16 +87,15 @@ def process_settings(tc: TrainConfig) -> Iterator[None]:
 
 
 def resolve_precision(tc: TrainConfig, device: torch.device) -> tuple[str, str]:
-    """The precision a run trains in on ``device`` and a line saying why for its log ("" when
-    it is simply the one asked for). ``auto``: bf16 where the device computes it natively (a
-    CUDA GPU with bf16; a CPU with AVX512_BF16, AMX or ARM bf16), fp32 elsewhere. An explicit
-    bf16 or fp16 that the device cannot run, or that the CPU would emulate, is a ConfigError,
-    unless train.allow_emulated (then the line warns)."""
+    """The precision a run trains in on ``device``, and why: for ``auto`` the reason for its
+    pick (bf16 where the device computes it natively: a CUDA GPU with bf16, a CPU with
+    AVX512_BF16, AMX or ARM bf16; fp32 elsewhere); for an explicit precision "", or the warning
+    for one the CPU emulates that train.allow_emulated lets run. Otherwise an explicit bf16 or
+    fp16 that the device cannot run, or that the CPU would emulate, is a ConfigError."""
     arch = platform.machine()
     flags = machine.cpu_flags(arch) if device.type == "cpu" else frozenset()
     if tc.precision == "auto":
-        precision, why = machine.fast_precision(device.type, flags, arch)
-        return precision, f"train.precision=auto picked {precision}: {why}"
+        return machine.fast_precision(device.type, flags, arch)
     if device.type == "cuda" and tc.precision == "bf16" and not torch.cuda.is_bf16_supported():
         raise ConfigError(f"config key 'train.precision': bf16 is not supported on {device}")
     why = machine.emulated(tc.precision, flags, arch) if device.type == "cpu" else None

@@ -21,9 +21,11 @@ import hashlib
 import json
 import math
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +81,36 @@ class TrainingDiverged(RuntimeError):
     """The loss or the weights became NaN or infinite; the message says where."""
 
 
+class _Interrupt:
+    """Ctrl-C stops training even when its KeyboardInterrupt is raised inside a finalizer,
+    where Python prints "Exception ignored" and carries on: while training, the SIGINT handler
+    also remembers the signal, and the loop checks after every step (``check``). Only Python's
+    default handler is replaced (not a notebook's), only in the main thread, and put back."""
+
+    def __init__(self) -> None:
+        self.seen = False
+        self.previous: Any = None
+
+    def __enter__(self) -> _Interrupt:
+        main = threading.current_thread() is threading.main_thread()
+        if main and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.seen = True
+        raise KeyboardInterrupt
+
+    def check(self) -> None:
+        if self.seen:
+            raise KeyboardInterrupt
+
+    def __exit__(self, *exc: object) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+            self.previous = None
+
+
 @dataclass
 class Session:
     """What a run trains with, all made before anything is written (``setup``)."""
@@ -93,6 +125,7 @@ class Session:
     scaler: torch.amp.GradScaler
     board: _Board
     picked: str = ""  # why train.precision=auto picked what it did ("" when it was not auto)
+    interrupt: _Interrupt = field(default_factory=_Interrupt)
 
     def context(self, step: int, epoch: int) -> StepContext:
         """The step context the model's forward pass reads."""
@@ -111,10 +144,12 @@ def setup(cfg: RunConfig, splits: Splits | None = None) -> Session:
             f"config key 'train.batch_size': the global batch is split over {world.size} "
             f"processes, expected a multiple of {world.size}, got {tc.batch_size}"
         )
-    requested = tc.precision
     precision, why = speed.resolve_precision(tc, device)
-    if why and world.is_main:  # auto's pick (info), or an emulated precision run anyway
-        log.info(why) if requested == "auto" else log.warning(why)
+    picked = why if tc.precision == "auto" else ""
+    if world.is_main and picked:
+        log.info(f"train.precision=auto picked {precision}: {why}")
+    elif world.is_main and why:  # an emulated precision, run anyway
+        log.warning(why)
     if precision != tc.precision:  # auto, resolved: what config.yaml records and resume reads
         cfg = replace(cfg, train=replace(tc, precision=precision))
         tc = cfg.train
@@ -154,7 +189,6 @@ def setup(cfg: RunConfig, splits: Splits | None = None) -> Session:
     optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr, fused=tc.fused_adam or None)
     scaler = torch.amp.GradScaler(device.type, enabled=tc.precision == "fp16")
     forward = speed.Forward(module, tc, device, world.distributed)
-    picked = why.partition(": ")[2] if requested == "auto" else ""
     return Session(cfg, splits, device, world, model, forward, optimizer, scaler, board, picked)
 
 
@@ -445,31 +479,43 @@ def fit(
         log.info(f"{cfg.model.name}: {', '.join(speed.applied(tc, session.device))}")
         session.board.open(run, counters["step"])
     try:
-        for epoch in range(counters["epoch"] + 1, tc.epochs + 1):
-            start = time.perf_counter()
-            train_row = _train_epoch(run, session, epoch, counters)
-            counters["seconds"] += time.perf_counter() - start
-            start = time.perf_counter()
-            val_row = validate(session, epoch, counters["step"])
-            counters["seconds"] += time.perf_counter() - start
-            if not math.isfinite(val_row["loss"]):  # finite weights, too large a forward pass
-                raise _diverged(
-                    f"the validation loss became {val_row['loss']} after epoch {epoch}",
-                    run,
-                    epoch - 1,
-                )
-            counters["epoch"] = epoch
-            rows += [_row("train", counters, train_row), _row("val", counters, val_row)]
-            if world.is_main:
-                _save(run, session, counters, rows)
-                if tc.progress:
-                    print(_epoch_line(cfg.model.name, epoch, tc.epochs, rows[-2:]), flush=True)
-                if on_epoch_end is not None:
-                    on_epoch_end(epoch, rows[-2:])
+        with session.interrupt:
+            _epochs(run, session, counters, rows, on_epoch_end)
     finally:
         session.board.close()
     distributed.barrier(world)  # no rank leaves before rank 0 has written the last epoch
     return run
+
+
+def _epochs(
+    run: Path,
+    session: Session,
+    counters: dict[str, Any],
+    rows: list[dict[str, Any]],
+    on_epoch_end: EpochCallback | None,
+) -> None:
+    """Epochs from counters["epoch"] + 1 to train.epochs, each checkpointed (rank 0)."""
+    cfg, world, tc = session.cfg, session.world, session.cfg.train
+    for epoch in range(counters["epoch"] + 1, tc.epochs + 1):
+        start = time.perf_counter()
+        train_row = _train_epoch(run, session, epoch, counters)
+        counters["seconds"] += time.perf_counter() - start
+        start = time.perf_counter()
+        val_row = validate(session, epoch, counters["step"])
+        counters["seconds"] += time.perf_counter() - start
+        if not math.isfinite(val_row["loss"]):  # finite weights, too large a forward pass
+            raise _diverged(
+                f"the validation loss became {val_row['loss']} after epoch {epoch}", run, epoch - 1
+            )
+        counters["epoch"] = epoch
+        rows += [_row("train", counters, train_row), _row("val", counters, val_row)]
+        if world.is_main:
+            _save(run, session, counters, rows)
+            if tc.progress:
+                print(_epoch_line(cfg.model.name, epoch, tc.epochs, rows[-2:]), flush=True)
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, rows[-2:])
+        session.interrupt.check()
 
 
 def _train_epoch(
@@ -507,6 +553,7 @@ def _train_epoch(
         counters["step"] += 1
         sums.add(metrics.output_terms(out, session.model), out.loss.shape[0])
         bar.update(1)
+        session.interrupt.check()
         if (i + 1) % tc.log_every == 0 or i + 1 == steps:
             # The only host-device synchronisation of the loop: every log_every steps.
             total = sums.total("loss")
