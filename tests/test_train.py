@@ -408,11 +408,17 @@ def test_ctrl_c_stops_training_even_when_it_lands_in_a_finalizer(tmp_path, split
         if epoch == 1:
             Finalized()  # dropped at once: __del__ runs
 
-    with pytest.raises(KeyboardInterrupt):
-        vaelab.train(tiny_config("train.epochs=3"), tmp_path / "run", splits=splits,
-                     on_epoch_end=on_epoch_end)  # fmt: skip
+    # Python's default handler, as in a terminal (a suite started in the background by a shell
+    # without job control inherits SIGINT ignored)
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            vaelab.train(tiny_config("train.epochs=3"), tmp_path / "run", splits=splits,
+                         on_epoch_end=on_epoch_end)  # fmt: skip
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+    finally:
+        signal.signal(signal.SIGINT, inherited)
     assert [r["epoch"] for r in read_metrics(tmp_path / "run") if r["split"] == "val"] == [1]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
 
 
 CACHE_PROBE = """

@@ -344,6 +344,13 @@ def uninterrupted(tmp_path_factory, digits_csv) -> dict[str, np.ndarray]:
     return weights(home / "run")
 
 
+def _sigint_as_a_terminal_would() -> None:
+    """In the child before exec: SIGINT's default action. A shell without job control starts
+    background commands with SIGINT ignored, and Python then leaves it ignored: the suite run
+    with `make test &` would see a run that SIGINT cannot stop."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _interrupt(tmp_path: Path, csv: Path, how: str) -> subprocess.Popen:
     """Start a training, stop it after its first checkpoint the way ``how`` says, return it."""
     env = {**os.environ, "VAELAB_CACHE": str(tmp_path / ".cache-vaelab")}
@@ -351,6 +358,7 @@ def _interrupt(tmp_path: Path, csv: Path, how: str) -> subprocess.Popen:
         [sys.executable, "-m", "vaelab", "train", "--out", "run", f"data.root={csv}", *TINY,
          f"train.epochs={EPOCHS}", "train.lr_schedule=cosine", "train.batch_size=4"],
         cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        preexec_fn=_sigint_as_a_terminal_would,
     )  # fmt: skip
     _wait_for(tmp_path / "run" / "state" / "train_state.safetensors", proc)
     if how == "disk full":
