@@ -126,7 +126,10 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from vaelab.evaluate import evaluate, format_table
 
-    result = evaluate(args.run, args.split, args.iw_samples, progress=not args.quiet)
+    result = evaluate(
+        args.run, args.split, args.iw_samples, progress=not args.quiet, ais_steps=args.ais_steps,
+        ais_chains=args.ais_chains, images=args.images,
+    )  # fmt: skip
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -286,6 +289,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run")
     p.add_argument("--split", default="val", choices=["val", "test"])
     p.add_argument("--iw-samples", type=count, default=1000, help="importance samples K")
+    p.add_argument(
+        "--ais-steps", type=count, default=0, help="also AIS log p(x) with T steps (default: no)"
+    )
+    p.add_argument("--ais-chains", type=count, default=16, help="AIS chains per image")
+    p.add_argument("--images", type=count, help="only the first N images of the split")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_evaluate)

@@ -11,6 +11,9 @@ eval/val.json agree on every key they share. All values are per image unless sai
   For a model without an encoder the proposal is the prior (K samples of z ~ p(z));
 - ``elbo_gap_nats``: (IS log-likelihood) - ELBO, the posterior-approximation error
   KL(q(z|x) || p(z|x)) up to the estimator's own (downward) bias;
+- with ``--ais-steps T``: ``ais_nll_nats`` and ``ais_bpd``, -log p(x) by annealed importance
+  sampling from the prior with HMC (``vaelab.ais``; ``--ais-chains`` chains per image), its
+  ``ais_accept_rate`` and the settings (``ais_steps``, ``ais_chains``, ``ais_leapfrog``);
 - ``kl_per_dim`` and ``active_units`` (Burda et al. 2016: Cov_x(E_q[z_j]) > 0.01);
 - ``mse_per_pixel`` and ``psnr`` (dB, data range 1) of the reconstruction at the posterior mean;
 - ``diversity_ratio``: mean pairwise L2 of 64 prior samples over that of 64 real images.
@@ -30,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from vaelab import data, metrics, rundir
+from vaelab import ais, data, metrics, rundir
 from vaelab import progress as progress_bars
 from vaelab.checkpoint import atomic_write, load, run_config, weights_metadata
 from vaelab.config import ConfigError
@@ -72,11 +75,16 @@ def diversity_ratio(
     return mean_pairwise_distance(samples) / mean_pairwise_distance(real)
 
 
+def check_count(value: Any, flag: str, minimum: int = 1) -> int:
+    """An integer >= ``minimum`` for option ``flag`` (else a ConfigError naming it)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{flag}: expected an integer >= {minimum}, got {value!r}")
+    return value
+
+
 def check_iw_samples(k: Any) -> int:
     """K for the importance sampler: an integer >= 1 (a ConfigError naming --iw-samples)."""
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ConfigError(f"--iw-samples: expected an integer >= 1, got {k!r}")
-    return k
+    return check_count(k, "--iw-samples")
 
 
 def evaluate_model(
@@ -85,34 +93,39 @@ def evaluate_model(
     iw_samples: int = 1000,
     ctx: StepContext | None = None,
     progress: bool = True,
+    ais_steps: int = 0,
+    ais_chains: int = 16,
 ) -> dict[str, Any]:
     """The metrics of ``model`` on ``dataset`` (see the module docstring): every registered
     metric in one pass (``metrics.evaluation_pass``, the pass validation runs), then the
     diversity of samples. ``ctx``: the step context the loss is computed under (the
-    checkpoint's; default: no warm-up).
+    checkpoint's; default: no warm-up). ``ais_steps`` > 0 adds AIS with ``ais_chains`` chains.
 
-    The progress bar (on a terminal) counts importance samples, images x K, so it shows the
-    rate and the time left even when one batch takes minutes; elsewhere one line says what is
-    to be computed.
+    The progress bar (on a terminal) counts importance samples (images x K) and AIS chain
+    steps (images x chains x steps), so it shows the rate and the time left even when one batch
+    takes minutes; elsewhere one line says what is to be computed.
     """
     check_iw_samples(iw_samples)
+    check_count(ais_steps, "--ais-steps", minimum=0)
+    check_count(ais_chains, "--ais-chains")
     start = time.perf_counter()
     n = len(dataset)
+    work = n * (iw_samples + ais_chains * ais_steps)
     if progress and not progress_bars.interactive():
-        log.info(
-            f"evaluating {n} images with K = {iw_samples} importance samples each "
-            f"({n * iw_samples:,} samples)"
-        )
-    bar = progress_bars.bar(
-        n * iw_samples, "evaluating", progress, unit="sample", unit_scale=True, leave=False
-    )
+        extra = f" and AIS with {ais_chains} chains of {ais_steps} steps" if ais_steps else ""
+        log.info(f"evaluating {n} images with K = {iw_samples} importance samples each{extra}")
+    bar = progress_bars.bar(work, "evaluating", progress, unit="sample", unit_scale=True,
+                            leave=False)  # fmt: skip
     try:
         result = metrics.evaluation_pass(
-            model, dataset, list(metrics.METRICS), ctx, iw_samples=iw_samples, on_samples=bar.update
-        )
+            model, dataset, list(metrics.METRICS), ctx, iw_samples=iw_samples,
+            on_samples=bar.update, ais_steps=ais_steps, ais_chains=ais_chains,
+        )  # fmt: skip
     finally:
         bar.close()
     result["iw_samples"] = iw_samples
+    if ais_steps:
+        result.update(ais_steps=ais_steps, ais_chains=ais_chains, ais_leapfrog=ais.LEAPFROG)
     result["diversity_ratio"] = diversity_ratio(model, dataset, seed=metrics.SEED)
     result["num_images"] = n
     result["seconds"] = round(time.perf_counter() - start, 3)
@@ -160,13 +173,23 @@ def evaluate(
     iw_samples: int = 1000,
     progress: bool = True,
     splits: data.Splits | None = None,
+    *,
+    ais_steps: int = 0,
+    ais_chains: int = 16,
+    images: int | None = None,
 ) -> dict[str, Any]:
     """Evaluate a run's model on its data's ``split`` (val or test); write RUN/eval/<split>.json.
+    ``ais_steps`` > 0 adds AIS (``ais_chains`` chains per image); ``images``: only the first
+    that many images of the split (every metric), recorded as num_images.
 
     What cannot work is refused before any work: K below 1, another split, a run whose eval
     folder cannot be written (a read-only run)."""
     run_dir = Path(run_dir)
     check_iw_samples(iw_samples)
+    check_count(ais_steps, "--ais-steps", minimum=0)
+    check_count(ais_chains, "--ais-chains")
+    if images is not None:
+        check_count(images, "--images")
     if split not in ("val", "test"):
         raise data.DataError(f"split '{split}': expected val or test")
     out = run_dir / rundir.EVAL / f"{split}.json"
@@ -190,7 +213,12 @@ def evaluate(
     dataset = {"val": splits.val, "test": splits.test}.get(split)
     if dataset is None:
         raise data.DataError(f"split '{split}': this data source has no {split} split")
-    result = {"split": split, **evaluate_model(model, dataset, iw_samples, ctx, progress)}
+    if images is not None and images < len(dataset):
+        dataset = dataset.subset(np.arange(images))
+    result = {
+        "split": split,
+        **evaluate_model(model, dataset, iw_samples, ctx, progress, ais_steps, ais_chains),
+    }
     if model.has_encoder and dataset.factors is not None and cfg.data.name in data.GENERATORS:
         start = time.perf_counter()
         result.update(disentanglement_metrics(model, dataset, cfg.data.name))

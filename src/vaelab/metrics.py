@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from vaelab import distributed
+from vaelab import ais, distributed
 from vaelab.data import ImageDataset
 from vaelab.distributed import World
 from vaelab.models.base import (
@@ -45,13 +45,15 @@ MAX_ELEMENTS = 2**20
 @dataclass
 class Batch:
     """What a metric reads: the batch ``x``, the model's ``out`` for it, the model, and the
-    pass's options (importance samples, a progress callback)."""
+    pass's options (importance samples, AIS steps and chains, a progress callback)."""
 
     x: Tensor
     out: ModelOutput
     model: GenerativeModel
     iw_samples: int = 1
     on_samples: Callable[[int], object] | None = None
+    ais_steps: int = 0  # 0: no AIS
+    ais_chains: int = 16
 
 
 Metric = Callable[[Batch], dict[str, Tensor]]
@@ -124,6 +126,24 @@ def importance(b: Batch) -> dict[str, Tensor]:
         "log_px": importance_log_likelihood(
             b.model, b.x, b.iw_samples, b.on_samples, b.out.posterior
         )
+    }
+
+
+@metric("ais")
+def annealed(b: Batch) -> dict[str, Tensor]:
+    """log p(x) by annealed importance sampling from the prior with HMC transitions
+    (``vaelab.ais``): ais_chains chains of ais_steps steps per image, all in one tensor. Only
+    when asked for (ais_steps > 0)."""
+    if b.ais_steps < 1:
+        return {}
+    n, chains = b.x.shape[0], b.ais_chains
+    z0 = torch.randn(chains, n, b.model.cfg.latent_dim, device=b.x.device, dtype=b.x.dtype)
+    log_lik = ais.model_log_likelihood(b.model, b.x, chains)
+    on_step = None if b.on_samples is None else lambda _: b.on_samples(n * chains)  # type: ignore[misc]
+    result = ais.ais(log_lik, z0, b.ais_steps, on_step=on_step)
+    return {
+        "ais_log_px": result.log_px(),
+        "ais_accept_rate": b.x.new_full((n,), result.accept_rate),
     }
 
 
@@ -210,6 +230,11 @@ def finish(means: dict[str, Any], model: GenerativeModel) -> dict[str, Any]:
         out["iw_bpd"] = model.bits_per_dim(log_px)
         if model.has_encoder and "elbo_nats" in out:
             out["elbo_gap_nats"] = log_px - out["elbo_nats"]
+    if "ais_log_px" in out:
+        log_px = out.pop("ais_log_px")
+        out["ais_nll_nats"] = -log_px
+        out["ais_bpd"] = model.bits_per_dim(log_px)
+        out["ais_accept_rate"] = out.pop("ais_accept_rate")
     if "mu" in out:
         mean, second = np.array(out.pop("mu")), np.array(out.pop("mu_squared"))
         out["active_units"] = int((second - mean**2 > ACTIVE_THRESHOLD).sum())
@@ -226,9 +251,12 @@ def evaluation_pass(
     iw_samples: int = 1,
     on_samples: Callable[[int], object] | None = None,
     world: World | None = None,
+    ais_steps: int = 0,
+    ais_chains: int = 16,
 ) -> dict[str, Any]:
     """Run the metrics ``names`` over ``dataset`` in batches of BATCH_SIZE; return their
-    per-image means, finished (``finish``).
+    per-image means, finished (``finish``). ``on_samples(n)``: progress, in importance samples
+    and AIS chain steps.
 
     Eval mode, no gradients, the model's own dtype (fp64 for a train.precision=fp64 run). Under
     torchrun each process computes rows rank::world of every batch, with the noise that batch
@@ -252,7 +280,7 @@ def evaluation_pass(
                 x = x.to(param.dtype)
                 with noise_shard(world.rank, world.size, n):
                     out = model(x, ctx)
-                    batch = Batch(x, out, model, iw_samples, on_samples)
+                    batch = Batch(x, out, model, iw_samples, on_samples, ais_steps, ais_chains)
                     values: dict[str, Tensor] = {}
                     for name in names:
                         found = METRICS[name](batch)
