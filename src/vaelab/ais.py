@@ -10,11 +10,12 @@ with a sigmoidal schedule of the betas. Each chain starts at z ~ p(z); at step t
 gains (beta_t - beta_{t-1}) log p(x|z), then one HMC transition (``leapfrog`` steps of size
 ``eps``, a Metropolis correction) leaves f_t invariant. The mean of exp(log weight) over chains
 is an unbiased estimate of p(x), so its log is a stochastic lower bound of log p(x) (Jensen),
-tight as T grows. Each chain's step size moves towards an acceptance rate of ``TARGET_ACCEPT``.
+tight as T grows. Each image's step size (shared by its chains) moves towards an acceptance
+rate of ``TARGET_ACCEPT``.
 
 Run in reverse from an exact sample of the posterior (data simulated from the model: z ~ p(z),
-x ~ p(x|z)), the same chain gives a stochastic upper bound: the two bracket log p(x) (bidirectional
-Monte Carlo, Grosse et al. 2015), and their difference bounds the forward estimate's error.
+x ~ p(x|z)), the same chains give a stochastic upper bound: the two bracket log p(x)
+(bidirectional Monte Carlo, Grosse et al. 2015), and their difference bounds either's error.
 
 Everything here works on a generic ``log_likelihood(z) -> (N,)`` for z (N, d) with a standard
 normal prior, so it is tested on a model whose log p(x) is known exactly (probabilistic PCA);
@@ -35,9 +36,9 @@ from vaelab.models.base import GenerativeModel
 
 TARGET_ACCEPT = 0.65  # HMC's optimal acceptance rate (Neal 2011); Wu et al. adapt towards it
 LEAPFROG = 10  # leapfrog steps per HMC transition
-INITIAL_STEP = 0.1  # leapfrog step size each chain starts with (the prior's scale is 1)
+INITIAL_STEP = 0.1  # leapfrog step size each image starts with (the prior's scale is 1)
 MIN_STEP, MAX_STEP = 1e-4, 1.0  # the step sizes adaptation may reach
-ADAPT = 1.02  # per transition, a chain's step grows by this factor (or shrinks by its inverse)
+ADAPT = 1.02  # per transition, an image's step grows by this factor (or shrinks by its inverse)
 
 LogLikelihood = Callable[[Tensor], Tensor]
 
