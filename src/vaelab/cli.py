@@ -128,7 +128,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     result = evaluate(
         args.run, args.split, args.iw_samples, progress=not args.quiet, ais_steps=args.ais_steps,
-        ais_chains=args.ais_chains, images=args.images,
+        ais_chains=args.ais_chains, images=args.images, bdmc=args.bdmc,
     )  # fmt: skip
     if args.json:
         print(json.dumps(result, indent=2))
@@ -294,6 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--ais-chains", type=count, default=16, help="AIS chains per image")
     p.add_argument("--images", type=count, help="only the first N images of the split")
+    p.add_argument(
+        "--bdmc", type=count, default=0, help="BDMC bounds on N images simulated from the model"
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_evaluate)

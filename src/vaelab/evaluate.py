@@ -14,6 +14,9 @@ eval/val.json agree on every key they share. All values are per image unless sai
 - with ``--ais-steps T``: ``ais_nll_nats`` and ``ais_bpd``, -log p(x) by annealed importance
   sampling from the prior with HMC (``vaelab.ais``; ``--ais-chains`` chains per image), its
   ``ais_accept_rate`` and the settings (``ais_steps``, ``ais_chains``, ``ais_leapfrog``);
+- with ``--bdmc N``: ``bdmc_lower_nats`` and ``bdmc_upper_nats``, the mean bounds of log p(x)
+  from forward and reverse AIS on N images simulated from the model, and ``bdmc_gap_nats``
+  between them, which bounds the error of AIS with those settings (Grosse et al. 2015);
 - ``kl_per_dim`` and ``active_units`` (Burda et al. 2016: Cov_x(E_q[z_j]) > 0.01);
 - ``mse_per_pixel`` and ``psnr`` (dB, data range 1) of the reconstruction at the posterior mean;
 - ``diversity_ratio``: mean pairwise L2 of 64 prior samples over that of 64 real images.
@@ -46,6 +49,7 @@ log = logging.getLogger(__name__)
 # Training points of the beta-VAE and FactorVAE classifiers (half as many evaluation points):
 # the defaults of vaelab.disentanglement; each point encodes a batch of 64 generated images.
 FACTOR_POINTS = 1000
+BDMC_STEPS = 100  # AIS steps of `vaelab evaluate --bdmc` without --ais-steps
 
 
 def mean_pairwise_distance(images: Tensor) -> float:
@@ -132,6 +136,35 @@ def evaluate_model(
     return result
 
 
+def simulated_bdmc(
+    model: GenerativeModel, n: int, steps: int, chains: int, seed: int = metrics.SEED
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Bidirectional Monte Carlo on ``n`` images simulated from the model (z ~ p(z), x ~
+    p(x|z)): forward AIS chains from the prior and reverse ones from the z that made each x, an
+    exact posterior sample. Returns x and the lower and upper bounds of log p(x) per image
+    (``AISResult.bound``), in batches of metrics.BATCH_SIZE images."""
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    was_training = model.training
+    model.eval()
+    xs, lower, upper = [], [], []
+    try:
+        with seeded(seed):
+            for start in range(0, n, metrics.BATCH_SIZE):
+                b = min(metrics.BATCH_SIZE, n - start)
+                with torch.no_grad():
+                    z = torch.randn(b, model.cfg.latent_dim, device=device, dtype=dtype)
+                    x = model.likelihood.sample(model.decode_logits(z.unsqueeze(0)))[0]
+                log_lik = ais.model_log_likelihood(model, x, chains)
+                prior = torch.randn(chains, b, z.shape[1], device=device, dtype=dtype)
+                lower.append(ais.ais(log_lik, prior, steps).bound())
+                start_z = z.expand(chains, *z.shape).clone()
+                upper.append(ais.ais(log_lik, start_z, steps, reverse=True).bound())
+                xs.append(x)
+    finally:
+        model.train(was_training)
+    return torch.cat(xs), torch.cat(lower), torch.cat(upper)
+
+
 def disentanglement_metrics(
     model: GenerativeModel, dataset: ImageDataset, source: str, seed: int = metrics.SEED
 ) -> dict[str, Any]:
@@ -177,10 +210,13 @@ def evaluate(
     ais_steps: int = 0,
     ais_chains: int = 16,
     images: int | None = None,
+    bdmc: int = 0,
 ) -> dict[str, Any]:
     """Evaluate a run's model on its data's ``split`` (val or test); write RUN/eval/<split>.json.
     ``ais_steps`` > 0 adds AIS (``ais_chains`` chains per image); ``images``: only the first
-    that many images of the split (every metric), recorded as num_images.
+    that many images of the split (every metric), recorded as num_images. ``bdmc`` > 0 adds the
+    BDMC bounds on that many images simulated from the model (``simulated_bdmc``; ais_steps
+    steps, or BDMC_STEPS without).
 
     What cannot work is refused before any work: K below 1, another split, a run whose eval
     folder cannot be written (a read-only run)."""
@@ -190,6 +226,7 @@ def evaluate(
     check_count(ais_chains, "--ais-chains")
     if images is not None:
         check_count(images, "--images")
+    check_count(bdmc, "--bdmc", minimum=0)
     if split not in ("val", "test"):
         raise data.DataError(f"split '{split}': expected val or test")
     out = run_dir / rundir.EVAL / f"{split}.json"
@@ -219,6 +256,19 @@ def evaluate(
         "split": split,
         **evaluate_model(model, dataset, iw_samples, ctx, progress, ais_steps, ais_chains),
     }
+    if bdmc:
+        start = time.perf_counter()
+        steps = ais_steps or BDMC_STEPS
+        _, lower, upper = simulated_bdmc(model, bdmc, steps, ais_chains)
+        result.update(
+            bdmc_images=bdmc,
+            bdmc_steps=steps,
+            bdmc_chains=ais_chains,
+            bdmc_lower_nats=lower.double().mean().item(),
+            bdmc_upper_nats=upper.double().mean().item(),
+            bdmc_gap_nats=(upper - lower).double().mean().item(),
+            bdmc_seconds=round(time.perf_counter() - start, 3),
+        )
     if model.has_encoder and dataset.factors is not None and cfg.data.name in data.GENERATORS:
         start = time.perf_counter()
         result.update(disentanglement_metrics(model, dataset, cfg.data.name))
