@@ -235,3 +235,20 @@ def test_evaluate_reports_bdmc(runs):
     )
     with pytest.raises(ConfigError, match="--bdmc"):
         evaluate(made["vae"], "val", iw_samples=5, progress=False, splits=splits, bdmc=-2)
+
+
+def test_evaluate_keeps_freed_memory_as_the_run_trained(runs, monkeypatch, tmp_path):
+    """train.cpu_memory_cache of the run decides, as in training (the AIS and IS passes
+    allocate large decoder outputs at every step)."""
+    from vaelab import speed
+
+    made, splits = runs
+    calls = []
+    monkeypatch.setattr(speed, "cache_cpu_memory", lambda: calls.append(1) or True)
+    evaluate(made["vae"], "val", iw_samples=2, progress=False, splits=splits)
+    assert calls == [1]
+    off = vaelab.train(tiny_config("train.epochs=1", "train.cpu_memory_cache=false"),
+                       tmp_path / "off", splits=splits)  # fmt: skip
+    calls.clear()
+    evaluate(off, "val", iw_samples=2, progress=False, splits=splits)
+    assert calls == []
