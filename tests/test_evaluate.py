@@ -252,3 +252,34 @@ def test_evaluate_keeps_freed_memory_as_the_run_trained(runs, monkeypatch, tmp_p
     calls.clear()
     evaluate(off, "val", iw_samples=2, progress=False, splits=splits)
     assert calls == []
+
+
+def test_the_optimised_posterior_is_the_best_diagonal_gaussian():
+    """For probabilistic PCA the posterior is N(m, S); the diagonal Gaussian closest to it in
+    KL(q || p(z|x)) has mean m and variances 1 / diag(S^-1), and ELBO(q*) = log p(x) -
+    KL(q* || p(z|x)) in closed form. q* starts from a poor q and must get there."""
+    from vaelab import gap
+
+    torch.manual_seed(0)
+    w = torch.tensor([[1.0, 0.9], [0.8, 1.0], [1.0, 1.1], [0.5, 0.4], [0.9, 1.0], [1.2, 1.0]])
+    s2 = 0.5
+    model = LinearGaussianVAE(w.double(), torch.linspace(-0.5, 0.5, K_DIMS).double(), s2)
+    model = model.double().eval()
+    x = (torch.randn(3, D, dtype=torch.float64) @ model.w.T + model.b).view(3, 1, 1, K_DIMS)
+    precision = torch.eye(D, dtype=torch.float64) + model.w.T @ model.w / s2  # S^-1
+    cov = torch.linalg.inv(precision)
+    m = (x.flatten(1) - model.b) @ model.w @ cov / s2
+    start = DiagonalGaussian(torch.zeros(3, D, dtype=torch.float64),
+                             torch.zeros(3, D, dtype=torch.float64))  # fmt: skip
+    q_star = gap.optimise_posterior(model, x, start, steps=2000, samples=64, lr=0.02)
+    best_var = 1.0 / torch.diagonal(precision)
+    torch.testing.assert_close(q_star.mu, m, atol=0.02, rtol=0)
+    torch.testing.assert_close(q_star.logvar.exp(), best_var.expand(3, D), atol=0, rtol=0.05)
+    # KL(N(m, diag v) || N(m, S)) = (tr(S^-1 diag v) - d + log det S - sum log v) / 2
+    kl = 0.5 * ((torch.diagonal(precision) * best_var).sum() - D
+                + torch.logdet(cov) - best_var.log().sum())  # fmt: skip
+    torch.manual_seed(1)
+    elbo_star = gap.elbo(model, x, q_star, samples=20000)
+    torch.testing.assert_close(elbo_star, model.exact_log_px(x) - kl, atol=0.02, rtol=0)
+    assert (elbo_star > gap.elbo(model, x, start, samples=20000)).all()
+    assert all(p.grad is None for p in model.parameters())  # the model is not trained
