@@ -160,3 +160,23 @@ def model_log_likelihood(model: GenerativeModel, x: Tensor, chains: int) -> LogL
         return -model.likelihood.nll(x, logits).reshape(chains * b)
 
     return log_lik
+
+
+def model_ais(
+    model: GenerativeModel,
+    x: Tensor,
+    chains: int,
+    steps: int,
+    z0: Tensor | None = None,
+    on_step: Callable[[int], object] | None = None,
+) -> AISResult:
+    """AIS of a vaelab model on images x (B, C, H, W), ``chains`` per image: forward from the
+    prior, or, given ``z0`` (B, d) (an exact posterior sample of each image: the z that made
+    it), reverse from there."""
+    log_lik = model_log_likelihood(model, x, chains)
+    if z0 is None:
+        start = torch.randn(
+            chains, x.shape[0], model.cfg.latent_dim, device=x.device, dtype=x.dtype
+        )
+        return ais(log_lik, start, steps, on_step=on_step)
+    return ais(log_lik, z0.expand(chains, *z0.shape).clone(), steps, reverse=True, on_step=on_step)

@@ -154,11 +154,8 @@ def simulated_bdmc(
                 with torch.no_grad():
                     z = torch.randn(b, model.cfg.latent_dim, device=device, dtype=dtype)
                     x = model.likelihood.sample(model.decode_logits(z.unsqueeze(0)))[0]
-                log_lik = ais.model_log_likelihood(model, x, chains)
-                prior = torch.randn(chains, b, z.shape[1], device=device, dtype=dtype)
-                lower.append(ais.ais(log_lik, prior, steps).bound())
-                start_z = z.expand(chains, *z.shape).clone()
-                upper.append(ais.ais(log_lik, start_z, steps, reverse=True).bound())
+                lower.append(ais.model_ais(model, x, chains, steps).bound())
+                upper.append(ais.model_ais(model, x, chains, steps, z0=z).bound())
                 xs.append(x)
     finally:
         model.train(was_training)

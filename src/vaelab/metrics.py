@@ -137,10 +137,8 @@ def annealed(b: Batch) -> dict[str, Tensor]:
     if b.ais_steps < 1:
         return {}
     n, chains = b.x.shape[0], b.ais_chains
-    z0 = torch.randn(chains, n, b.model.cfg.latent_dim, device=b.x.device, dtype=b.x.dtype)
-    log_lik = ais.model_log_likelihood(b.model, b.x, chains)
     on_step = None if b.on_samples is None else lambda _: b.on_samples(n * chains)  # type: ignore[misc]
-    result = ais.ais(log_lik, z0, b.ais_steps, on_step=on_step)
+    result = ais.model_ais(b.model, b.x, chains, b.ais_steps, on_step=on_step)
     return {
         "ais_log_px": result.log_px(),
         "ais_accept_rate": b.x.new_full((n,), result.accept_rate),

@@ -229,7 +229,7 @@ def _train_new(
             raise
         try:
             save_model_config(run, session.model, recorded)
-            atomic_write(run / rundir.CONFIG, _config_text(cfg, session))  # last: marks a run
+            atomic_write(run / rundir.CONFIG, _config_text(session))  # last: marks a run
         except BaseException:
             _remove_unfinished(run, created, lock)
             raise
@@ -292,13 +292,13 @@ def resume(
     lock = rundir.lock(run, what="training") if world.is_main else None
     try:
         with rng.kept(), contextlib.ExitStack() as settings:
-            cfg, counters, rows, session = _reopen(
+            counters, rows, session = _reopen(
                 run, overrides or [], splits, accept_changes, settings
             )
             if world.is_main:
                 rundir.remove_stale_temporaries(run)
                 if overrides:
-                    atomic_write(run / rundir.CONFIG, _config_text(cfg, session))
+                    atomic_write(run / rundir.CONFIG, _config_text(session))
             return fit(run, session, counters, rows, on_epoch_end)
     finally:
         if lock is not None:
@@ -311,9 +311,9 @@ def _reopen(
     splits: Splits | None,
     accept_changes: bool,
     settings: contextlib.ExitStack,
-) -> tuple[RunConfig, dict[str, Any], list[dict[str, Any]], Session]:
-    """What ``resume`` continues from: the config, counters, metrics rows and session, each
-    checked against what the run recorded when it began."""
+) -> tuple[dict[str, Any], list[dict[str, Any]], Session]:
+    """What ``resume`` continues from: the counters, metrics rows and session (its config
+    resolved), each checked against what the run recorded when it began."""
     state = run / rundir.STATE
     started = rundir.has_checkpoint(run)
     if started and not state.is_file():
@@ -360,13 +360,14 @@ def _reopen(
             f"expected at least that many, got {cfg.train.epochs}"
         )
     distributed.barrier(session.world)  # every rank has read the run before rank 0 writes
-    return cfg, counters, rows, session
+    return counters, rows, session
 
 
-def _config_text(cfg: RunConfig, session: Session) -> str:
-    """config.yaml: the resolved config, saying why where train.precision=auto picked."""
-    picked = f"auto picked it: {session.picked}" if session.picked else ""
-    return dump_yaml(cfg, {"train.precision": picked} if picked else None)
+def _config_text(session: Session) -> str:
+    """config.yaml: the session's resolved config, saying why where train.precision=auto
+    picked."""
+    picked = {"train.precision": f"auto picked it: {session.picked}"} if session.picked else None
+    return dump_yaml(session.cfg, picked)
 
 
 def _recording(cfg: RunConfig, splits: Splits) -> dict[str, Any]:
