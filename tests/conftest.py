@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-import vaelab  # noqa: F401  (registers the models)
+import vaelab  # (registers the models; trains the runs fixture)
 from vaelab.config import RunConfig, load_config
 from vaelab.data import ImageDataset, Splits
 
@@ -39,3 +39,15 @@ def posterior_draw(model, x, seed: int, k: int = 1):
 @pytest.fixture
 def splits() -> Splits:
     return tiny_splits()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A vae and a decoder_only run of one epoch on tiny data, and the data (per module)."""
+    splits = tiny_splits()
+    out = tmp_path_factory.mktemp("runs")
+    made = {}
+    for name in ["vae", "decoder_only"]:
+        cfg = tiny_config(f"model.name={name}", "train.epochs=1")
+        made[name] = vaelab.train(cfg, out / name, splits=splits)
+    return made, splits

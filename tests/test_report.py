@@ -92,6 +92,30 @@ def test_encode_command(runs, tmp_path):
     assert main(["encode", str(runs[0]), "model.beta=3", "--out", str(out)]) == 2
 
 
+def test_gap_command_writes_the_decomposition_and_the_report_shows_it(runs, tmp_path, capsys):
+    figure = tmp_path / "gap.png"
+    code = main(["gap", *map(str, runs), "--images", "12", "--ais-steps", "2", "--ais-chains",
+                 "2", "--iw-samples", "3", "--q-star-steps", "1", "--quiet", "--figure",
+                 str(figure)])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0 and out.count("amortization_gap") == 2 and f"written {figure}" in out
+    assert (runs[0] / "eval" / "gap_val.json").is_file()
+    assert figure.read_bytes().startswith(PNG_MAGIC)
+    page_file = tmp_path / "r.html"
+    assert main(["report", *map(str, runs), "--out", str(page_file), "--quiet",
+                 "--iw-samples", "3"]) == 0  # fmt: skip
+    page = page_file.read_text()
+    assert "The ELBO gap taken apart" in page and "amortization_gap" in page
+    images = re.findall(r'<img alt="[^"]*" src="([^"]+)"', page)
+    assert len(images) == 5 * len(runs) + 1  # the runs' figures and the gap's bars
+
+    mine = tmp_path / "mine.png"
+    mine.write_bytes(b"a user's picture")
+    assert main(["gap", str(runs[0]), "--quiet", "--figure", str(mine)]) == 2
+    assert "mine.png" in capsys.readouterr().err
+    assert mine.read_bytes() == b"a user's picture"  # refused before any work
+
+
 def test_evaluate_command(runs, tmp_path, capsys):
     assert main(["evaluate", str(runs[1]), "--iw-samples", "2", "--json", "--quiet"]) == 0
     out = capsys.readouterr().out

@@ -52,6 +52,15 @@ def sigmoid_schedule(steps: int, rad: float = 4.0) -> Tensor:
     return (s - s[0]) / (s[-1] - s[0])
 
 
+def log_mean_exp_variance(lse: Tensor, lse_sq: Tensor, k: int) -> Tensor:
+    """The variance of log(mean of k weights w), the log of an importance or AIS estimate, by
+    the delta method: Var[w] / (k E[w]^2), from ``lse`` = logsumexp(log w) and ``lse_sq`` =
+    logsumexp(2 log w). It equals 1 / ESS - 1 / k, ESS = (sum w)^2 / sum w^2 the weights'
+    effective sample size: 0 when the weights are equal, near 1 (nats^2) when one dominates. An
+    estimate from the same weights, so it misses what none of them reached."""
+    return ((lse_sq - 2 * lse + math.log(k)).exp() - 1) / k
+
+
 @dataclass
 class AISResult:
     """Per-chain log weights (chains, B), the direction the chains ran, and the mean
@@ -70,6 +79,13 @@ class AISResult:
         if self.reverse:
             return -(torch.logsumexp(self.log_weights, 0) - k)
         return torch.logsumexp(self.log_weights, 0) - k
+
+    def variance(self) -> Tensor:
+        """The variance of ``log_px`` per image, (B,), by the delta method over the chains
+        (``log_mean_exp_variance``)."""
+        w = self.log_weights.double()
+        k = w.shape[0]
+        return log_mean_exp_variance(torch.logsumexp(w, 0), torch.logsumexp(2 * w, 0), k)
 
     def bound(self) -> Tensor:
         """The bidirectional Monte Carlo bound of log p(x), (B,): the mean over chains of the

@@ -11,10 +11,11 @@ import time
 from pathlib import Path
 from typing import NoReturn
 
-from vaelab import rundir
+from vaelab import gap, rundir
 from vaelab.checkpoint import CheckpointError
 from vaelab.config import ConfigError, load_config
 from vaelab.data import DataError
+from vaelab.evaluate import GAP_AIS_STEPS
 from vaelab.rundir import RunDirError
 from vaelab.trainer import TrainingDiverged
 
@@ -135,6 +136,35 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     else:
         print(format_table(result))
         print(f"written to {Path(args.run) / 'eval' / (args.split + '.json')}")
+    return 0
+
+
+def cmd_gap(args: argparse.Namespace) -> int:
+    from vaelab.checkpoint import atomic_write
+    from vaelab.evaluate import gap_decomposition, gap_table
+    from vaelab.report.figures import gap_png
+
+    if args.figure is not None:  # checked before minutes of work
+        rundir.check_output(args.figure, overwrite=args.overwrite)
+    results = []
+    for run in args.runs:
+        result = gap_decomposition(
+            run, args.split, args.images, progress=not args.quiet, ais_steps=args.ais_steps,
+            ais_chains=args.ais_chains, iw_samples=args.iw_samples,
+            q_star_steps=args.q_star_steps,
+        )  # fmt: skip
+        results.append((Path(run).name or str(run), result))
+        if args.json:
+            print(json.dumps(result, indent=2))
+        else:
+            print(gap_table(result))
+            print(f"written to {Path(run) / 'eval' / f'gap_{args.split}.json'}")
+    if args.figure is not None:
+        with_q = [(name, r) for name, r in results if "elbo_q" in r]
+        if not with_q:
+            raise ConfigError("--figure: no run given has an encoder, so no ELBO to take apart")
+        atomic_write(rundir.check_output(args.figure, overwrite=args.overwrite), gap_png(with_q))
+        print(f"written {args.figure}")
     return 0
 
 
@@ -300,6 +330,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("gap", help="the ELBO gap taken apart: AIS, IW bound, ELBO(q*), ELBO(q)")
+    p.add_argument("runs", nargs="+", metavar="RUN")
+    p.add_argument("--split", default="val", choices=["val", "test"])
+    p.add_argument("--images", type=count, help="only the first N images of the split")
+    p.add_argument("--ais-steps", type=count, default=GAP_AIS_STEPS, help="AIS steps T")
+    p.add_argument("--ais-chains", type=count, default=16, help="AIS chains per image")
+    p.add_argument("--iw-samples", type=count, default=1000, help="importance samples K")
+    p.add_argument(
+        "--q-star-steps", type=count, default=gap.STEPS, help="Adam steps of q* per image"
+    )
+    p.add_argument("--figure", type=Path, help="also draw the runs' gaps as stacked bars (PNG)")
+    p.add_argument("--overwrite", action="store_true", help="replace --figure if it exists")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_gap)
 
     def picture(name: str, summary: str) -> argparse.ArgumentParser:
         """A command that draws one PNG of a run."""

@@ -29,6 +29,7 @@ import json
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +37,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from vaelab import ais, data, metrics, rundir, speed
+from vaelab import ais, data, gap, metrics, rundir, speed
 from vaelab import progress as progress_bars
 from vaelab.checkpoint import atomic_write, load, run_config, weights_metadata
-from vaelab.config import ConfigError
+from vaelab.config import ConfigError, RunConfig
 from vaelab.data import ImageDataset
 from vaelab.models.base import GenerativeModel, StepContext
 from vaelab.rng import seeded
@@ -50,6 +51,7 @@ log = logging.getLogger(__name__)
 # the defaults of vaelab.disentanglement; each point encodes a batch of 64 generated images.
 FACTOR_POINTS = 1000
 BDMC_STEPS = 100  # AIS steps of `vaelab evaluate --bdmc` without --ais-steps
+GAP_AIS_STEPS = 100  # AIS steps of `vaelab gap` by default
 
 
 def mean_pairwise_distance(images: Tensor) -> float:
@@ -99,11 +101,15 @@ def evaluate_model(
     progress: bool = True,
     ais_steps: int = 0,
     ais_chains: int = 16,
+    *,
+    sampler: GenerativeModel | None = None,
 ) -> dict[str, Any]:
     """The metrics of ``model`` on ``dataset`` (see the module docstring): every registered
     metric in one pass (``metrics.evaluation_pass``, the pass validation runs), then the
     diversity of samples. ``ctx``: the step context the loss is computed under (the
     checkpoint's; default: no warm-up). ``ais_steps`` > 0 adds AIS with ``ais_chains`` chains.
+    ``sampler``: the model in the form importance sampling and AIS run (``speed.for_sampling``;
+    default: the model).
 
     The progress bar (on a terminal) counts importance samples (images x K) and AIS chain
     steps (images x chains x steps), so it shows the rate and the time left even when one batch
@@ -121,9 +127,10 @@ def evaluate_model(
     bar = progress_bars.bar(work, "evaluating", progress, unit="sample", unit_scale=True,
                             leave=False)  # fmt: skip
     try:
+        options = metrics.Options(iw_samples, ais_steps, ais_chains)
         result = metrics.evaluation_pass(
-            model, dataset, list(metrics.METRICS), ctx, iw_samples=iw_samples,
-            on_samples=bar.update, ais_steps=ais_steps, ais_chains=ais_chains,
+            model, dataset, list(metrics.METRICS), ctx, options=options,
+            on_samples=bar.update, sampler=sampler,
         )  # fmt: skip
     finally:
         bar.close()
@@ -197,39 +204,36 @@ def disentanglement_metrics(
     }
 
 
-def evaluate(
-    run_dir: str | Path,
-    split: str = "val",
-    iw_samples: int = 1000,
-    progress: bool = True,
-    splits: data.Splits | None = None,
-    *,
-    ais_steps: int = 0,
-    ais_chains: int = 16,
-    images: int | None = None,
-    bdmc: int = 0,
-) -> dict[str, Any]:
-    """Evaluate a run's model on its data's ``split`` (val or test); write RUN/eval/<split>.json.
-    ``ais_steps`` > 0 adds AIS (``ais_chains`` chains per image); ``images``: only the first
-    that many images of the split (every metric), recorded as num_images. ``bdmc`` > 0 adds the
-    BDMC bounds on that many images simulated from the model (``simulated_bdmc``; ais_steps
-    steps, or BDMC_STEPS without).
+@dataclass
+class Opened:
+    """A run opened for evaluation: its model (eval mode, the precision it was validated in),
+    the model in the form the sampling estimators run (``speed.for_sampling``), the step context
+    of its checkpoint, its config and the images to evaluate."""
+
+    model: GenerativeModel
+    sampler: GenerativeModel
+    ctx: StepContext
+    cfg: RunConfig
+    dataset: ImageDataset
+
+
+def open_run(
+    run_dir: Path,
+    split: str,
+    out: Path,
+    images: int | None,
+    splits: data.Splits | None,
+    progress: bool,
+) -> Opened:
+    """Check that ``out`` (a file of the run's eval folder) can be written and ``split`` exists,
+    then load the run: its model, the first ``images`` images of the split (all: None).
 
     With the run's train.cpu_memory_cache (the default) on a CPU, the process keeps the memory
-    it frees from then on, as training does (``speed.cache_cpu_memory``).
-
-    What cannot work is refused before any work: K below 1, another split, a run whose eval
-    folder cannot be written (a read-only run)."""
-    run_dir = Path(run_dir)
-    check_iw_samples(iw_samples)
-    check_count(ais_steps, "--ais-steps", minimum=0)
-    check_count(ais_chains, "--ais-chains")
+    it frees from then on, as training does (``speed.cache_cpu_memory``)."""
     if images is not None:
         check_count(images, "--images")
-    check_count(bdmc, "--bdmc", minimum=0)
     if split not in ("val", "test"):
         raise data.DataError(f"split '{split}': expected val or test")
-    out = run_dir / rundir.EVAL / f"{split}.json"
     if run_dir.is_dir():
         rundir.check_writable(out.parent)
         if out.is_dir():
@@ -256,14 +260,46 @@ def evaluate(
         raise data.DataError(f"split '{split}': this data source has no {split} split")
     if images is not None and images < len(dataset):
         dataset = dataset.subset(np.arange(images))
-    result = {
-        "split": split,
-        **evaluate_model(model, dataset, iw_samples, ctx, progress, ais_steps, ais_chains),
-    }
+    sampler = speed.for_sampling(model, cfg.train.channels_last)
+    return Opened(model, sampler, ctx, cfg, dataset)
+
+
+def evaluate(
+    run_dir: str | Path,
+    split: str = "val",
+    iw_samples: int = 1000,
+    progress: bool = True,
+    splits: data.Splits | None = None,
+    *,
+    ais_steps: int = 0,
+    ais_chains: int = 16,
+    images: int | None = None,
+    bdmc: int = 0,
+) -> dict[str, Any]:
+    """Evaluate a run's model on its data's ``split`` (val or test); write RUN/eval/<split>.json.
+    ``ais_steps`` > 0 adds AIS (``ais_chains`` chains per image); ``images``: only the first
+    that many images of the split (every metric), recorded as num_images. ``bdmc`` > 0 adds the
+    BDMC bounds on that many images simulated from the model (``simulated_bdmc``; ais_steps
+    steps, or BDMC_STEPS without).
+
+    What cannot work is refused before any work: K below 1, another split, a run whose eval
+    folder cannot be written (a read-only run)."""
+    run_dir = Path(run_dir)
+    check_iw_samples(iw_samples)
+    check_count(ais_steps, "--ais-steps", minimum=0)
+    check_count(ais_chains, "--ais-chains")
+    check_count(bdmc, "--bdmc", minimum=0)
+    out = run_dir / rundir.EVAL / f"{split}.json"
+    run = open_run(run_dir, split, out, images, splits, progress)
+    model, dataset = run.model, run.dataset
+    found = evaluate_model(
+        model, dataset, iw_samples, run.ctx, progress, ais_steps, ais_chains, sampler=run.sampler
+    )
+    result = {"split": split, **found}
     if bdmc:
         start = time.perf_counter()
         steps = ais_steps or BDMC_STEPS
-        _, lower, upper = simulated_bdmc(model, bdmc, steps, ais_chains)
+        _, lower, upper = simulated_bdmc(run.sampler, bdmc, steps, ais_chains)
         result.update(
             bdmc_images=bdmc,
             bdmc_steps=steps,
@@ -273,10 +309,90 @@ def evaluate(
             bdmc_gap_nats=(upper - lower).double().mean().item(),
             bdmc_seconds=round(time.perf_counter() - start, 3),
         )
-    if model.has_encoder and dataset.factors is not None and cfg.data.name in data.GENERATORS:
+    if model.has_encoder and dataset.factors is not None and run.cfg.data.name in data.GENERATORS:
         start = time.perf_counter()
-        result.update(disentanglement_metrics(model, dataset, cfg.data.name))
+        result.update(disentanglement_metrics(model, dataset, run.cfg.data.name))
         result["disentanglement_seconds"] = round(time.perf_counter() - start, 3)
+    atomic_write(out, json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def gap_decomposition(
+    run_dir: str | Path,
+    split: str = "val",
+    images: int | None = None,
+    progress: bool = True,
+    splits: data.Splits | None = None,
+    *,
+    ais_steps: int = GAP_AIS_STEPS,
+    ais_chains: int = 16,
+    iw_samples: int = 1000,
+    q_star_steps: int = gap.STEPS,
+) -> dict[str, Any]:
+    """The ELBO gap of a run taken apart (``vaelab.gap``) on the first ``images`` images of
+    ``split``; write RUN/eval/gap_<split>.json: per-image means in nats of log p(x) by AIS, the
+    IW bound, ELBO(q*), ELBO(q), the approximation and amortization gaps, each with its standard
+    error ("noise"), the same for every batch of 100 images with whether the inequalities hold,
+    the settings and the time each estimator took. One evaluation pass (metrics "importance",
+    "ais" and "gap"). A model without an encoder gets AIS and the IW bound (prior proposal)."""
+    run_dir = Path(run_dir)
+    check_iw_samples(iw_samples)
+    check_count(ais_steps, "--ais-steps")
+    check_count(ais_chains, "--ais-chains")
+    check_count(q_star_steps, "--q-star-steps")
+    out = run_dir / rundir.EVAL / f"gap_{split}.json"
+    run = open_run(run_dir, split, out, images, splits, progress)
+    options = metrics.Options(
+        iw_samples, ais_steps, ais_chains, q_star_steps, gap.SAMPLES, gap.LR, gap.ELBO_SAMPLES
+    )
+    n = len(run.dataset)
+    per_image = iw_samples + ais_chains * ais_steps
+    if run.model.has_encoder:
+        per_image += q_star_steps * gap.SAMPLES + 2 * gap.ELBO_SAMPLES
+    if progress and not progress_bars.interactive():
+        log.info(f"taking the ELBO gap of {n} images apart (AIS with {ais_chains} chains of "
+                 f"{ais_steps} steps, K = {iw_samples}, q* in {q_star_steps} steps)")  # fmt: skip
+    bar = progress_bars.bar(n * per_image, "gap", progress, unit="sample", unit_scale=True,
+                            leave=False)  # fmt: skip
+    collect, seconds = gap.Collector(), {}
+    start = time.perf_counter()
+    try:
+        passed = metrics.evaluation_pass(
+            run.model, run.dataset, ["importance", "ais", "gap"], run.ctx, options=options,
+            on_samples=bar.update, sampler=run.sampler, on_batch=collect, seconds=seconds,
+        )  # fmt: skip
+    finally:
+        bar.close()
+    batches = collect.batches
+    result = {
+        "split": split,
+        "num_images": n,
+        **collect.totals.row(),
+        "batches_ordered": sum(b["ordered"] for b in batches),
+        "batches_ordered_within_noise": sum(b["ordered_within_noise"] for b in batches),
+        "num_batches": len(batches),
+        "ais_accept_rate": passed["ais_accept_rate"],
+        "settings": {
+            "ais_steps": ais_steps,
+            "ais_chains": ais_chains,
+            "ais_leapfrog": ais.LEAPFROG,
+            "iw_samples": iw_samples,
+            "q_star_steps": q_star_steps,
+            "q_star_samples": gap.SAMPLES,
+            "q_star_lr": gap.LR,
+            "elbo_samples": gap.ELBO_SAMPLES,
+            "noise_sigmas": gap.NOISE,
+            "batch_size": metrics.BATCH_SIZE,
+            "seed": metrics.SEED,
+        },
+        "seconds": {
+            "importance": round(seconds["importance"], 3),
+            "ais": round(seconds["ais"], 3),
+            **({"q_star": round(seconds["gap"], 3)} if run.model.has_encoder else {}),
+            "total": round(time.perf_counter() - start, 3),
+        },
+        "batches": batches,
+    }
     atomic_write(out, json.dumps(result, indent=2) + "\n")
     return result
 
@@ -309,6 +425,23 @@ def encode(
     np.save(buf, posterior_means(load(run_dir), dataset))
     atomic_write(out, buf.getvalue())
     return out
+
+
+def gap_table(result: dict[str, Any]) -> str:
+    """The numbers of ``gap_decomposition``, one a line with its standard error."""
+    noise = result.get("noise", {})
+    lines = [f"{'(nats per image)':<20}{'mean':>12}{'std. error':>12}"]
+    for key in gap.KEYS:
+        if key in result:
+            lines.append(f"{key:<20}{result[key]:>12.3f}{noise.get(key, math.nan):>12.3f}")
+    order = "yes" if result["ordered"] else "no"
+    within = "yes" if result["ordered_within_noise"] else "no"
+    lines.append(f"ordered             {order} (within {gap.NOISE:g} std. errors: {within}); "
+                 f"batches {result['batches_ordered']} of {result['num_batches']} "
+                 f"({result['batches_ordered_within_noise']} within noise)")  # fmt: skip
+    seconds = ", ".join(f"{k} {v:.1f} s" for k, v in result["seconds"].items())
+    lines.append(f"{result['num_images']} images: {seconds}")
+    return "\n".join(lines)
 
 
 def format_table(result: dict[str, Any]) -> str:

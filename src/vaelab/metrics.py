@@ -5,7 +5,8 @@ per batch, in eval mode, without gradients, and hands each metric a ``Batch``: t
 model's output (its terms and its posterior q(z|x), so nothing encodes twice) and the options.
 A metric returns named per-image values, (B,) or (B, d); the pass sums them in float64 on the
 device and divides by the number of images once, at the end (``finish`` then derives bits per
-dimension, the gap and the active units from those means).
+dimension, the gap and the active units from those means). A name that starts with "_" (an
+estimator's variance, say) is not summed: only ``on_batch`` sees it.
 
 The noise of batch b comes from seed + b, whatever ran before it, so validation (metric
 "terms") and evaluation (every metric) see the same z for the same image: the last val row of
@@ -15,6 +16,7 @@ metrics.jsonl and eval/val.json agree on every key they share.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -42,18 +44,37 @@ ACTIVE_THRESHOLD = 0.01  # an active unit: Cov_x(E_q[z_j]) above this (Burda et 
 MAX_ELEMENTS = 2**20
 
 
+@dataclass(frozen=True)
+class Options:
+    """What the sampling metrics compute, and how much: K importance samples; AIS (0 steps: no
+    AIS); the per-image posteriors q* of ``vaelab.gap`` (0 steps: none) and the samples of the
+    ELBO estimates that compare q and q*. ``vaelab evaluate`` and ``vaelab gap`` set them."""
+
+    iw_samples: int = 1
+    ais_steps: int = 0
+    ais_chains: int = 16
+    q_star_steps: int = 0
+    q_star_samples: int = 16
+    q_star_lr: float = 0.01
+    elbo_samples: int = 1000
+
+
 @dataclass
 class Batch:
-    """What a metric reads: the batch ``x``, the model's ``out`` for it, the model, and the
-    pass's options (importance samples, AIS steps and chains, a progress callback)."""
+    """What a metric reads: the batch ``x``, the model's ``out`` for it, the model, the pass's
+    options and a progress callback, and ``sampler``: the model in the form the sampling
+    estimators run (``speed.for_sampling``: the same function, faster), or the model itself."""
 
     x: Tensor
     out: ModelOutput
     model: GenerativeModel
-    iw_samples: int = 1
+    options: Options
     on_samples: Callable[[int], object] | None = None
-    ais_steps: int = 0  # 0: no AIS
-    ais_chains: int = 16
+    sampler: GenerativeModel | None = None
+
+    @property
+    def fast(self) -> GenerativeModel:
+        return self.model if self.sampler is None else self.sampler
 
 
 Metric = Callable[[Batch], dict[str, Tensor]]
@@ -98,35 +119,37 @@ def terms(b: Batch) -> dict[str, Tensor]:
 
 
 @torch.no_grad()
-def importance_log_likelihood(
+def importance_estimate(
     model: GenerativeModel,
     x: Tensor,
     k: int,
     on_chunk: Callable[[int], object] | None = None,
     q: DiagonalGaussian | None = None,
-) -> Tensor:
-    """log p(x) estimated with k importance samples, (B,), in chunks of bounded memory (the
-    posterior ``q`` of x if already computed); ``on_chunk(n)`` after each chunk, with n its
-    images x samples (for a progress bar)."""
+) -> tuple[Tensor, Tensor]:
+    """log p(x) estimated with k importance samples, (B,), and the estimate's variance by the
+    delta method (``ais.log_mean_exp_variance``), in chunks of bounded memory (the posterior
+    ``q`` of x if already computed); ``on_chunk(n)`` after each chunk, with n its images x
+    samples (for a progress bar)."""
     chunk = max(1, min(k, MAX_ELEMENTS // (x.shape[0] * model.num_dims)))
-    parts = []
+    sums, squares = [], []
     for start in range(0, k, chunk):
         size = min(chunk, k - start)
-        parts.append(torch.logsumexp(model.log_weights(x, size, q), dim=0))
+        log_w = model.log_weights(x, size, q).double()
+        sums.append(torch.logsumexp(log_w, dim=0))
+        squares.append(torch.logsumexp(2 * log_w, dim=0))
         if on_chunk is not None:
             on_chunk(size * x.shape[0])
-    return torch.logsumexp(torch.stack(parts), dim=0) - math.log(k)
+    lse, lse_sq = torch.logsumexp(torch.stack(sums), 0), torch.logsumexp(torch.stack(squares), 0)
+    return lse - math.log(k), ais.log_mean_exp_variance(lse, lse_sq, k)
 
 
 @metric("importance")
 def importance(b: Batch) -> dict[str, Tensor]:
     """log p(x) by importance sampling with K = iw_samples draws from q(z|x) (from the prior
     without an encoder; Burda et al. 2016)."""
-    return {
-        "log_px": importance_log_likelihood(
-            b.model, b.x, b.iw_samples, b.on_samples, b.out.posterior
-        )
-    }
+    opt = b.options
+    log_px, var = importance_estimate(b.fast, b.x, opt.iw_samples, b.on_samples, b.out.posterior)
+    return {"log_px": log_px, "_log_px_var": var}
 
 
 @metric("ais")
@@ -134,14 +157,16 @@ def annealed(b: Batch) -> dict[str, Tensor]:
     """log p(x) by annealed importance sampling from the prior with HMC transitions
     (``vaelab.ais``): ais_chains chains of ais_steps steps per image, all in one tensor. Only
     when asked for (ais_steps > 0)."""
-    if b.ais_steps < 1:
+    opt = b.options
+    if opt.ais_steps < 1:
         return {}
-    n, chains = b.x.shape[0], b.ais_chains
+    n, chains = b.x.shape[0], opt.ais_chains
     on_step = None if b.on_samples is None else lambda _: b.on_samples(n * chains)  # type: ignore[misc]
-    result = ais.model_ais(b.model, b.x, chains, b.ais_steps, on_step=on_step)
+    result = ais.model_ais(b.fast, b.x, chains, opt.ais_steps, on_step=on_step)
     return {
         "ais_log_px": result.log_px(),
         "ais_accept_rate": b.x.new_full((n,), result.accept_rate),
+        "_ais_log_px_var": result.variance(),
     }
 
 
@@ -246,21 +271,26 @@ def evaluation_pass(
     names: Sequence[str] = ("terms",),
     ctx: StepContext | None = None,
     *,
-    iw_samples: int = 1,
+    options: Options | None = None,
     on_samples: Callable[[int], object] | None = None,
     world: World | None = None,
-    ais_steps: int = 0,
-    ais_chains: int = 16,
+    sampler: GenerativeModel | None = None,
+    on_batch: Callable[[dict[str, Tensor]], object] | None = None,
+    seconds: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """Run the metrics ``names`` over ``dataset`` in batches of BATCH_SIZE; return their
-    per-image means, finished (``finish``). ``on_samples(n)``: progress, in importance samples
-    and AIS chain steps.
+    per-image means, finished (``finish``). ``options``: what the sampling metrics compute;
+    ``sampler``: the model in the form they run (``speed.for_sampling``; default the model
+    itself); ``on_samples(n)``: progress, in importance samples, AIS chain steps and q*
+    samples; ``on_batch(values)``: each batch's per-image values, "_" names included;
+    ``seconds``: filled with the time each metric took, summed over batches.
 
     Eval mode, no gradients, the model's own dtype (fp64 for a train.precision=fp64 run). Under
     torchrun each process computes rows rank::world of every batch, with the noise that batch
     has in one process, and the sums are added over processes.
     """
     world = world or World()
+    options = options or Options()
     unknown = [n for n in names if n not in METRICS]
     if unknown:
         raise ValueError(f"unknown metric(s) {unknown} (known: {', '.join(METRICS)})")
@@ -278,10 +308,13 @@ def evaluation_pass(
                 x = x.to(param.dtype)
                 with noise_shard(world.rank, world.size, n):
                     out = model(x, ctx)
-                    batch = Batch(x, out, model, iw_samples, on_samples, ais_steps, ais_chains)
+                    batch = Batch(x, out, model, options, on_samples, sampler)
                     values: dict[str, Tensor] = {}
                     for name in names:
+                        start = time.perf_counter()
                         found = METRICS[name](batch)
+                        if seconds is not None:
+                            seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
                         clash = values.keys() & found.keys()
                         if clash:
                             raise ValueError(
@@ -289,7 +322,10 @@ def evaluation_pass(
                                 "another metric already returns: rename the term or the metric"
                             )
                         values.update(found)
-                    sums.add(values, x.shape[0])
+                    if on_batch is not None:
+                        on_batch(values)
+                    reported = {k: v for k, v in values.items() if not k.startswith("_")}
+                    sums.add(reported, x.shape[0])
     finally:
         model.train(was_training)
     return finish(sums.means(world), model)

@@ -49,7 +49,7 @@ _TEMPORARIES = (
     ("", re.escape(WEIGHTS)),
     ("", re.escape(METRICS)),
     ("state", re.escape(Path(STATE).name)),
-    (EVAL, r"(val|test)\.json"),
+    (EVAL, r"(gap_)?(val|test)\.json"),
     (FIGURES, r"(curves|reconstructions|samples)\.png"),
 )
 # Files of the folders vaelab manages besides runs (a sweep's, the demo's): never an --out.

@@ -121,6 +121,43 @@ def rate_distortion_png(points: Sequence[tuple[str, float, float]], title: str =
     return _png(fig)
 
 
+def gap_png(results: Sequence[tuple[str, dict[str, Any]]], title: str = "") -> bytes:
+    """The ELBO gap of each run taken apart (``vaelab.gap``): one stacked bar per run, in nats
+    per image above its ELBO(q): the amortization gap ELBO(q*) - ELBO(q) below, the
+    approximation gap log p(x) - ELBO(q*) on top, so the bar's height is log p(x) (AIS) minus
+    ELBO(q); a black tick marks the IW bound; error bars are 3 standard errors of the
+    estimates (the "noise" of eval/gap_<split>.json). ``results``: (label, that file's content)
+    for runs with an encoder (others have no ELBO to take apart)."""
+    if not results:
+        raise ValueError("gap_png needs at least one run with an encoder")
+    fig = Figure(figsize=(1.6 + 1.3 * len(results), 4.2))
+    ax = fig.add_subplot()
+    xs = np.arange(len(results))
+    amort = np.array([r["amortization_gap"] for _, r in results], dtype=float)
+    approx = np.array([r["approximation_gap"] for _, r in results], dtype=float)
+    iw = np.array([r["iw_bound"] - r["elbo_q"] for _, r in results], dtype=float)
+    noise = [r.get("noise", {}) for _, r in results]
+    err = 3 * np.array([n.get("approximation_gap", 0.0) for n in noise], dtype=float)
+    ax.bar(xs, amort, 0.6, color="C1", label="amortization gap: ELBO(q*) - ELBO(q)")
+    ax.bar(xs, approx, 0.6, bottom=amort, color="C0", yerr=err, capsize=4,
+           label="approximation gap: log p(x) - ELBO(q*)")  # fmt: skip
+    ax.plot(xs, iw, "_", color="black", markersize=28, markeredgewidth=2,
+            label="IW bound - ELBO(q)")  # fmt: skip
+    for x, a, b in zip(xs, amort, approx, strict=True):
+        ax.annotate(f"{a + b:.2f}", (x, a + b), textcoords="offset points", xytext=(0, 6),
+                    ha="center", fontsize=8)  # fmt: skip
+    ax.axhline(0, color="0.5", linewidth=0.8)
+    ax.set_xticks(xs, [label for label, _ in results])
+    ax.set_ylabel("nats per image above ELBO(q)")
+    ax.legend(fontsize=7, loc="upper left")
+    ax.set_ylim(min(0.0, float(amort.min()), float((amort + approx).min())) * 1.1,
+                max(float((amort + approx + err).max()), float(iw.max()), 0.1) * 1.45)  # fmt: skip
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_title(title or "the ELBO gap, log p(x) (AIS) - ELBO(q), taken apart")
+    fig.tight_layout()
+    return _png(fig)
+
+
 def image_grid(images: Tensor, nrow: int, pad: int = 2, group: int = 0) -> np.ndarray:
     """(N, C, H, W) floats in [0, 1] -> one (H', W', C) uint8 array, ``nrow`` images per row;
     ``group`` > 0 leaves a wider gap after every ``group`` rows (pairs of images above

@@ -14,12 +14,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from vaelab import data, rundir
+from vaelab import data, gap, rundir
 from vaelab.checkpoint import CheckpointError, atomic_write, load, read_metrics, run_config
 from vaelab.metrics import is_number
 from vaelab.models.base import RESERVED
 from vaelab.report import pictures
-from vaelab.report.figures import curves_png, grid_png, rate_distortion_png
+from vaelab.report.figures import curves_png, gap_png, grid_png, rate_distortion_png
 
 SWEEP_FILE = rundir.SWEEP
 
@@ -141,6 +141,39 @@ def _read_eval(path: Path) -> dict[str, Any]:
     return result
 
 
+def _gap_section(names: list[str], gaps: list[dict[str, Any]]) -> str:
+    """The ELBO gap taken apart (``vaelab gap``) for the runs that have eval/gap_val.json: a
+    table with each number's standard error, and the stacked bars of the runs with an encoder
+    ("" when no run has one)."""
+    have = [(name, g) for name, g in zip(names, gaps, strict=True) if g]
+    if not have:
+        return ""
+    rows = []
+    for key in gap.KEYS:
+        cells = [
+            "-" if key not in g else f"{_fmt(g[key])} ± {_fmt(g['noise'][key])}"
+            for _, g in have
+        ]
+        rows.append([key, *cells])
+    for key, label in (("num_images", "images"), ("ordered", "ordered (every batch)")):
+        rows.append([label, *(html.escape(str(g.get(key))) for _, g in have)])
+    times = [", ".join(f"{k} {v:.0f} s" for k, v in g.get("seconds", {}).items()) for _, g in have]
+    rows.append(["seconds", *(html.escape(t) for t in times)])
+    settings = have[0][1].get("settings", {})
+    note = html.escape(", ".join(f"{k} {v}" for k, v in settings.items()))
+    table = _table(
+        ["ELBO gap (val, nats per image, ± std. error)", *(n for n, _ in have)], rows
+    )
+    with_q = [(name, g) for name, g in have if "elbo_q" in g]
+    figure = _img(gap_png(with_q), "the ELBO gap taken apart") if with_q else ""
+    return (
+        f"<h2>The ELBO gap taken apart (vaelab gap)</h2>{table}"
+        f'<p class="note">log p(x) (AIS) &ge; ELBO(q*) &ge; ELBO(q): approximation gap = '
+        f"log p(x) - ELBO(q*), amortization gap = ELBO(q*) - ELBO(q). Settings: {note}.</p>"
+        f"{figure}"
+    )
+
+
 def write_report(
     runs: list[str | Path],
     out: str | Path,
@@ -158,13 +191,14 @@ def write_report(
     if not runs:
         raise ValueError("write_report needs at least one run directory")
     names = [r.name or str(r) for r in runs]
-    configs, evals = [], []
+    configs, evals, gaps = [], [], []
     curves, recons, samples, interps, traversals = [], [], [], [], []
     data_cache: dict[str, data.Splits] = {}
     for run, name in zip(runs, names, strict=True):
         cfg = run_config(run)
         configs.append(cfg.to_dict())
         evals.append(_read_eval(run / rundir.EVAL / "val.json"))
+        gaps.append(_read_eval(run / rundir.EVAL / "gap_val.json"))
         key = json.dumps(configs[-1]["data"], sort_keys=True)
         if key not in data_cache:
             data_cache[key] = data.build(cfg.data, progress=False)
@@ -199,6 +233,7 @@ def write_report(
         "(Higgins et al. 2017).</p>",
         f"<h2>{config_title}</h2>{config_html}",
         f"<h2>Evaluation</h2>{eval_html}",
+        _gap_section(names, gaps),
         extra_html,
         _section("Loss curves (train and val)", curves, "curves"),
         _section("Reconstructions", recons),
