@@ -20,6 +20,10 @@ eval/val.json agree on every key they share. All values are per image unless sai
 - ``kl_per_dim`` and ``active_units`` (Burda et al. 2016: Cov_x(E_q[z_j]) > 0.01);
 - ``mse_per_pixel`` and ``psnr`` (dB, data range 1) of the reconstruction at the posterior mean;
 - ``diversity_ratio``: mean pairwise L2 of 64 prior samples over that of 64 real images.
+
+``gap_decomposition(run)`` (``vaelab gap``) writes ``RUN/eval/gap_<split>.json``: the ELBO gap
+taken apart (``vaelab.gap``). Importance sampling, AIS, BDMC and q* run the model in the form
+``speed.for_sampling`` gives (the same function, faster).
 """
 
 from __future__ import annotations
