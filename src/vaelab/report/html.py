@@ -151,8 +151,7 @@ def _gap_section(names: list[str], gaps: list[dict[str, Any]]) -> str:
     rows = []
     for key in gap.KEYS:
         cells = [
-            "-" if key not in g else f"{_fmt(g[key])} ± {_fmt(g['noise'][key])}"
-            for _, g in have
+            "-" if key not in g else f"{_fmt(g[key])} ± {_fmt(g['noise'][key])}" for _, g in have
         ]
         rows.append([key, *cells])
     for key, label in (("num_images", "images"), ("ordered", "ordered (every batch)")):
@@ -161,9 +160,7 @@ def _gap_section(names: list[str], gaps: list[dict[str, Any]]) -> str:
     rows.append(["seconds", *(html.escape(t) for t in times)])
     settings = have[0][1].get("settings", {})
     note = html.escape(", ".join(f"{k} {v}" for k, v in settings.items()))
-    table = _table(
-        ["ELBO gap (val, nats per image, ± std. error)", *(n for n, _ in have)], rows
-    )
+    table = _table(["ELBO gap (val, nats per image, ± std. error)", *(n for n, _ in have)], rows)
     with_q = [(name, g) for name, g in have if "elbo_q" in g]
     figure = _img(gap_png(with_q), "the ELBO gap taken apart") if with_q else ""
     return (
