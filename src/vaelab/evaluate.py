@@ -221,6 +221,14 @@ class Opened:
     dataset: ImageDataset
 
 
+def evaluation_device(train_device: str) -> torch.device:
+    """Where a run is evaluated: on the GPU when it trained with train.device cuda or auto and
+    one is here, on the CPU otherwise (a run trained on a GPU evaluates on a laptop)."""
+    if train_device in ("cuda", "auto") and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
 def open_run(
     run_dir: Path,
     split: str,
@@ -233,7 +241,8 @@ def open_run(
     then load the run: its model, the first ``images`` images of the split (all: None).
 
     With the run's train.cpu_memory_cache (the default) on a CPU, the process keeps the memory
-    it frees from then on, as training does (``speed.cache_cpu_memory``)."""
+    it frees from then on, as training does (``speed.cache_cpu_memory``). The model is loaded on
+    ``evaluation_device``."""
     if images is not None:
         check_count(images, "--images")
     if split not in ("val", "test"):
@@ -242,8 +251,8 @@ def open_run(
         rundir.check_writable(out.parent)
         if out.is_dir():
             raise rundir.RunDirError(f"cannot write '{out}': it is a folder")
-    model = load(run_dir)
     cfg = run_config(run_dir)
+    model = load(run_dir, device=evaluation_device(cfg.train.device))
     if cfg.train.cpu_memory_cache and next(model.parameters()).device.type == "cpu":
         # as in training: AIS and IS allocate large decoder outputs at every step, and glibc
         # would fault their pages in each time (AIS on the demo's vae: 43 s -> 25 s)
@@ -252,13 +261,14 @@ def open_run(
         model = model.double()
     saved = weights_metadata(run_dir)  # the checkpoint's counters, as validation saw them
     step, epoch = (saved.get(k) for k in ("step", "epoch"))
-    ctx = StepContext(
+    if splits is None:
+        splits = data.build(cfg.data, progress=progress)
+    ctx = StepContext(  # as the trainer builds it, so validation and evaluate agree
         step=step if isinstance(step, int) else 0,
         epoch=epoch if isinstance(epoch, int) else 0,
         kl_warmup_steps=cfg.train.kl_warmup_steps,
+        dataset_size=len(splits.train),
     )
-    if splits is None:
-        splits = data.build(cfg.data, progress=progress)
     dataset = {"val": splits.val, "test": splits.test}.get(split)
     if dataset is None:
         raise data.DataError(f"split '{split}': this data source has no {split} split")
