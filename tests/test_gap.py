@@ -259,3 +259,12 @@ def test_gap_decomposition_writes_every_number_with_its_noise(runs):
     for bad, flag in bad_values:
         with pytest.raises(ConfigError, match=flag):
             gap_decomposition(made["vae"], "val", **{**kw, **bad})
+
+
+def test_runs_are_evaluated_on_the_gpu_they_trained_on_when_one_is_here(monkeypatch):
+    from vaelab.evaluate import evaluation_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert [evaluation_device(d).type for d in ("cpu", "cuda", "auto")] == ["cpu"] * 3
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert [evaluation_device(d).type for d in ("cpu", "cuda", "auto")] == ["cpu", "cuda", "cuda"]
