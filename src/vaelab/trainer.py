@@ -129,7 +129,13 @@ class Session:
 
     def context(self, step: int, epoch: int) -> StepContext:
         """The step context the model's forward pass reads."""
-        return StepContext(step, epoch, self.cfg.train.kl_warmup_steps, self.world.size)
+        return StepContext(
+            step,
+            epoch,
+            self.cfg.train.kl_warmup_steps,
+            self.world.size,
+            dataset_size=len(self.splits.train),
+        )
 
 
 def setup(cfg: RunConfig, splits: Splits | None = None) -> Session:

@@ -113,9 +113,11 @@ def check_size(
 
 # Importing the variants registers them.
 from vaelab.models import (  # noqa: E402, F401
+    beta_tcvae,
     beta_vae,
     beta_vae_capacity,
     decoder_only,
+    dip_vae,
     iwae,
     sigma_vae,
     vae,

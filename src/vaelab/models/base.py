@@ -56,7 +56,9 @@ class StepContext:
     epoch: the epoch being trained (1-based; 0 outside training);
     kl_warmup_steps: train.kl_warmup_steps (0: no warm-up);
     world_size: the processes the global batch is split over (torchrun; 1 in one process), each
-    holding rows rank::world_size of it.
+    holding rows rank::world_size of it;
+    dataset_size: images in the training split (for estimators of the aggregate posterior,
+    beta_tcvae's minibatch-weighted sampling; 0: not known, as in a plain ``model(x)``).
     Validation and ``vaelab evaluate`` pass the checkpoint's step and epoch, so their losses
     agree.
     """
@@ -65,6 +67,7 @@ class StepContext:
     epoch: int = 0
     kl_warmup_steps: int = 0
     world_size: int = 1
+    dataset_size: int = 0
 
     @property
     def kl_anneal(self) -> float:
