@@ -38,8 +38,8 @@ from torch import Tensor
 from vaelab import losses
 from vaelab.config import ModelConfig, RunConfig, require, unused
 from vaelab.models import register
-from vaelab.models.base import ModelOutput, StepContext, refuse_split
-from vaelab.models.vae import EVAL_CONTEXT, VAE
+from vaelab.models.base import DiagonalGaussian, StepContext, refuse_split
+from vaelab.models.vae import VAE
 
 
 @dataclass(frozen=True)
@@ -96,21 +96,17 @@ class BetaTCVAE(VAE):
         super().check_run(cfg, world_size)
         refuse_split(cfg, world_size, "its MI, TC and dimension-wise KL are batch estimates")
 
-    def forward(self, x: Tensor, ctx: StepContext | None = None) -> ModelOutput:
-        # The VAE's forward hands its samples z only to ``objective``, which returns the loss
-        # alone; the three terms are logged from the same z, so the steps are taken here.
-        ctx = EVAL_CONTEXT if ctx is None else ctx
+    def objective(
+        self,
+        q: DiagonalGaussian,
+        z: Tensor,
+        recon: Tensor,
+        nll: Tensor,
+        ctx: StepContext,
+        terms: dict[str, Tensor],
+    ) -> Tensor:
         cfg: BetaTCVAEConfig = self.cfg  # type: ignore[assignment]
-        q = self.encode(x)
-        z = q.rsample(cfg.mc_samples)  # (m, B, d)
-        recon, nll = self.likelihood.terms(x, self.decode_logits(z))  # (m, B) each
-        n = ctx.dataset_size or x.shape[0]
+        n = ctx.dataset_size or q.mu.shape[0]
         mi, tc, dim_kl = (t.mean(0) for t in kl_decomposition(z, q.mu, q.logvar, n))
-        penalty = cfg.alpha * mi + cfg.beta * tc + cfg.gamma * dim_kl
-        kl = q.kl()
-        return ModelOutput(
-            loss=recon.mean(0) + ctx.kl_anneal * penalty,
-            elbo=-(nll.mean(0) + kl),
-            terms={"recon": recon.mean(0), "kl": kl, "mi": mi, "tc": tc, "dim_kl": dim_kl},
-            posterior=q,
-        )
+        terms.update(mi=mi, tc=tc, dim_kl=dim_kl)
+        return recon.mean(0) + ctx.kl_anneal * (cfg.alpha * mi + cfg.beta * tc + cfg.gamma * dim_kl)

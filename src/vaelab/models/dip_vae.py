@@ -27,7 +27,7 @@ from torch import Tensor
 
 from vaelab.config import ModelConfig, RunConfig, require
 from vaelab.models import register
-from vaelab.models.base import DiagonalGaussian, ModelOutput, StepContext, refuse_split
+from vaelab.models.base import DiagonalGaussian, StepContext, refuse_split
 from vaelab.models.vae import VAE
 
 
@@ -74,15 +74,19 @@ class DIPVAEI(VAE):
         """The batch estimate of the covariance the penalty matches to I: Cov[mu(x)], (d, d)."""
         return batch_covariance(q.mu)
 
-    def forward(self, x: Tensor, ctx: StepContext | None = None) -> ModelOutput:
-        out = super().forward(x, ctx)
-        q = out.posterior
-        assert q is not None  # a VAE's output carries its posterior
+    def objective(
+        self,
+        q: DiagonalGaussian,
+        z: Tensor,
+        recon: Tensor,
+        nll: Tensor,
+        ctx: StepContext,
+        terms: dict[str, Tensor],
+    ) -> Tensor:
         cfg: DIPVAEIConfig = self.cfg  # type: ignore[assignment]
-        dip = dip_penalty(self.covariance(q), cfg.lambda_od, cfg.lambda_d).expand(x.shape[0])
-        return ModelOutput(
-            loss=out.loss + dip, elbo=out.elbo, terms={**out.terms, "dip": dip}, posterior=q
-        )
+        dip = dip_penalty(self.covariance(q), cfg.lambda_od, cfg.lambda_d).expand(q.mu.shape[0])
+        terms["dip"] = dip
+        return super().objective(q, z, recon, nll, ctx, terms) + dip
 
 
 @register("dip_vae_ii", DIPVAEIIConfig)

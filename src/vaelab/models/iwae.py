@@ -35,7 +35,13 @@ class IWAE(VAE):
     check_run = GenerativeModel.check_run  # no KL weight to warm up
 
     def objective(
-        self, q: DiagonalGaussian, z: Tensor, recon: Tensor, nll: Tensor, ctx: StepContext
+        self,
+        q: DiagonalGaussian,
+        z: Tensor,
+        recon: Tensor,
+        nll: Tensor,
+        ctx: StepContext,
+        terms: dict[str, Tensor],
     ) -> Tensor:
         log_w = -nll + losses.standard_normal_log_prob(z) - q.log_prob(z)  # (K, B)
         return -losses.iw_bound(log_w)

@@ -66,11 +66,19 @@ class VAE(GenerativeModel):
         return ctx.kl_anneal * self.kl_weight() * kl
 
     def objective(
-        self, q: DiagonalGaussian, z: Tensor, recon: Tensor, nll: Tensor, ctx: StepContext
+        self,
+        q: DiagonalGaussian,
+        z: Tensor,
+        recon: Tensor,
+        nll: Tensor,
+        ctx: StepContext,
+        terms: dict[str, Tensor],
     ) -> Tensor:
         """The per-image training loss from the posterior, its samples z (m, B, d) and the
         reconstruction terms per sample (m, B). Default: recon + KL penalty (the ELBO's
-        negative, up to a constant, when beta = 1)."""
+        negative, up to a constant, when beta = 1). ``terms``: the output's named per-image
+        terms so far (recon, kl); a variant adds the terms its loss is made of (beta_tcvae's
+        mi, tc and dim_kl), computed from the same z."""
         return recon.mean(0) + self.kl_penalty(q.kl_per_dim(), ctx)
 
     def forward(self, x: Tensor, ctx: StepContext | None = None) -> ModelOutput:
@@ -79,9 +87,6 @@ class VAE(GenerativeModel):
         z = q.rsample(self.cfg.mc_samples)  # (m, B, d)
         recon, nll = self.likelihood.terms(x, self.decode_logits(z))  # (m, B) each
         kl = q.kl()
-        return ModelOutput(
-            loss=self.objective(q, z, recon, nll, ctx),
-            elbo=-(nll.mean(0) + kl),
-            terms={"recon": recon.mean(0), "kl": kl},
-            posterior=q,
-        )
+        terms = {"recon": recon.mean(0), "kl": kl}
+        loss = self.objective(q, z, recon, nll, ctx, terms)
+        return ModelOutput(loss=loss, elbo=-(nll.mean(0) + kl), terms=terms, posterior=q)
