@@ -86,7 +86,7 @@ def test_importance_sampling_recovers_the_exact_likelihood_of_a_linear_gaussian_
     assert (importance_log_likelihood(model, x, 1000).mean() - exact.mean()).abs() < 0.05
 
 
-def test_chunks_combine_to_the_whole_log_mean_exp(monkeypatch):
+def test_chunks_combine_to_the_whole_log_mean_exp_and_its_variance(monkeypatch):
     log_w = torch.randn(64, 4) * 30  # widely spread weights: the combination must be stable
 
     class Weights:
@@ -101,13 +101,15 @@ def test_chunks_combine_to_the_whole_log_mean_exp(monkeypatch):
             self.used += k
             return log_w[self.used - k : self.used]
 
-    expected = torch.logsumexp(log_w.double(), 0) - math.log(64)  # summed in float64
-    torch.testing.assert_close(
-        importance_log_likelihood(Weights(), torch.zeros(4, 1), 64), expected
-    )
+    w = log_w.double().exp()  # the estimate and its delta-method variance, summed in float64
+    expected = (torch.logsumexp(log_w.double(), 0) - math.log(64),
+                w.var(0, correction=0) / (64 * w.mean(0).square()))  # fmt: skip
+    for a, b in zip(importance_estimate(Weights(), torch.zeros(4, 1), 64), expected, strict=True):
+        torch.testing.assert_close(a, b)
     monkeypatch.setattr("vaelab.metrics.MAX_ELEMENTS", 4 * 64 * 5)  # chunks of 5 samples
     chunked = Weights()
-    torch.testing.assert_close(importance_log_likelihood(chunked, torch.zeros(4, 1), 64), expected)
+    for a, b in zip(importance_estimate(chunked, torch.zeros(4, 1), 64), expected, strict=True):
+        torch.testing.assert_close(a, b)
     assert chunked.used == 64
 
 

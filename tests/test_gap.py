@@ -69,31 +69,6 @@ def test_log_mean_exp_variance_is_the_delta_method_and_matches_repeated_estimate
     ).item() == pytest.approx(0.0, abs=1e-12)
 
 
-def test_the_importance_estimate_and_its_variance_do_not_depend_on_the_chunks(monkeypatch):
-    log_w = torch.randn(64, 4, dtype=torch.float64) * 3
-
-    class Weights:
-        """A stand-in model whose log-weights are fixed numbers, handed out in order."""
-
-        num_dims = 64
-
-        def __init__(self):
-            self.used = 0
-
-        def log_weights(self, x, k, q=None):
-            self.used += k
-            return log_w[self.used - k : self.used]
-
-    w = log_w.exp()
-    expected = (w.mean(0).log(), w.var(0, correction=0) / (64 * w.mean(0).square()))
-    whole = metrics.importance_estimate(Weights(), torch.zeros(4, 1), 64)
-    monkeypatch.setattr(metrics, "MAX_ELEMENTS", 4 * 64 * 5)  # chunks of 5 samples
-    chunked = metrics.importance_estimate(Weights(), torch.zeros(4, 1), 64)
-    for got in (whole, chunked):
-        for a, b in zip(got, expected, strict=True):
-            torch.testing.assert_close(a, b)
-
-
 def test_the_stated_variance_of_the_importance_estimate_is_its_variance():
     model = ppca()
     x = simulate(model, 4)
