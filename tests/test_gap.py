@@ -105,6 +105,29 @@ def test_compare_elbos_matches_the_closed_form_and_states_its_noise(monkeypatch)
     assert (est.difference_var < est.elbo_q_var).all()
 
 
+def test_ais_from_q_is_tighter_than_from_the_prior_and_brackets_with_bdmc():
+    """AIS started at the encoder's q(z|x) (run in q's whitened coordinates) estimates the same
+    log p(x), tighter at every T on probabilistic PCA (measured: T = 20, 400 images, 8 chains:
+    0.017 nats below the exact value against 0.064 from the prior); reverse chains from exact
+    posterior samples back to q bound it from above."""
+    torch.manual_seed(0)
+    model = ppca()
+    x = simulate(model, 400, seed=2)
+    exact = model.exact_log_px(x).mean().item()
+    q = model.encode(x)
+    from_prior = ais.model_ais(model, x, 8, 20).log_px().mean().item()
+    from_q = ais.model_ais(model, x, 8, 20, q=q).log_px().mean().item()
+    assert exact - 0.04 < from_q < exact + 0.02
+    assert from_q > from_prior
+    precision = torch.eye(D, dtype=torch.float64) + model.w.T @ model.w / S2
+    cov = torch.linalg.inv(precision)
+    mean = (x.flatten(1) - model.b) @ model.w @ cov / S2
+    z = mean + torch.randn(400, D, dtype=torch.float64) @ torch.linalg.cholesky(cov).T
+    lower = ais.model_ais(model, x, 8, 20, q=q).bound().mean().item()
+    upper = ais.model_ais(model, x, 8, 20, z0=z, q=q).bound().mean().item()
+    assert lower < exact < upper
+
+
 def test_the_gap_metric_orders_the_estimates_of_a_model_with_an_exact_likelihood():
     """On probabilistic PCA: log p(x) (AIS) within noise of the exact value, ELBO(q*) between
     it and ELBO(q), the approximation gap close to KL(q* || p(z|x)) of the best diagonal

@@ -32,7 +32,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from vaelab.models.base import GenerativeModel
+from vaelab import losses
+from vaelab.models.base import DiagonalGaussian, GenerativeModel
 
 TARGET_ACCEPT = 0.65  # HMC's optimal acceptance rate (Neal 2011); Wu et al. adapt towards it
 LEAPFROG = 10  # leapfrog steps per HMC transition
@@ -178,6 +179,27 @@ def model_log_likelihood(model: GenerativeModel, x: Tensor, chains: int) -> LogL
     return log_lik
 
 
+def whitened_log_weight(
+    model: GenerativeModel, x: Tensor, q: DiagonalGaussian, chains: int
+) -> LogLikelihood:
+    """AIS from q(z|x) instead of the prior, as AIS from a standard normal: in the coordinates
+    u = (z - mu) / sigma of each image's q, q is N(0, I), and the annealed factor is the
+    importance weight log p(x|z) + log p(z) - log q(z|x) at z = mu + sigma u (the Jacobian of
+    the change of variables cancels between target and start). So ``ais`` runs unchanged,
+    its HMC steps scaled to q's widths in each dimension, and its weights still estimate
+    p(x)."""
+    log_lik = model_log_likelihood(model, x, chains)
+    mu, std = q.mu.repeat(chains, 1), q.std.repeat(chains, 1)  # chain-major, like z
+    log_det = 0.5 * q.logvar.sum(-1).repeat(chains)  # sum_j log sigma_j per row
+
+    def log_weight(u: Tensor) -> Tensor:
+        z = mu + std * u
+        log_q = losses.standard_normal_log_prob(u) - log_det  # log q(z|x) at z = mu + sigma u
+        return log_lik(z) + losses.standard_normal_log_prob(z) - log_q
+
+    return log_weight
+
+
 def model_ais(
     model: GenerativeModel,
     x: Tensor,
@@ -185,14 +207,19 @@ def model_ais(
     steps: int,
     z0: Tensor | None = None,
     on_step: Callable[[int], object] | None = None,
+    q: DiagonalGaussian | None = None,
 ) -> AISResult:
     """AIS of a vaelab model on images x (B, C, H, W), ``chains`` per image: forward from the
-    prior, or, given ``z0`` (B, d) (an exact posterior sample of each image: the z that made
-    it), reverse from there."""
-    log_lik = model_log_likelihood(model, x, chains)
-    if z0 is None:
-        start = torch.randn(
-            chains, x.shape[0], model.cfg.latent_dim, device=x.device, dtype=x.dtype
-        )
-        return ais(log_lik, start, steps, on_step=on_step)
-    return ais(log_lik, z0.expand(chains, *z0.shape).clone(), steps, reverse=True, on_step=on_step)
+    prior, or from ``q`` (the encoder's q(z|x): ``whitened_log_weight``); given ``z0`` (B, d)
+    (an exact posterior sample of each image: the z that made it), reverse from there to the
+    same start."""
+    shape = (chains, x.shape[0], model.cfg.latent_dim)
+    if q is None:
+        log_lik, start = model_log_likelihood(model, x, chains), z0
+    else:
+        log_lik = whitened_log_weight(model, x, q, chains)
+        start = None if z0 is None else (z0 - q.mu) / q.std
+    if start is None:
+        u = torch.randn(shape, device=x.device, dtype=x.dtype)
+        return ais(log_lik, u, steps, on_step=on_step)
+    return ais(log_lik, start.expand(shape).clone(), steps, reverse=True, on_step=on_step)

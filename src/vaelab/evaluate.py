@@ -85,6 +85,11 @@ def diversity_ratio(
     return mean_pairwise_distance(samples) / mean_pairwise_distance(real)
 
 
+def ais_start(model: GenerativeModel) -> str:
+    """Where the AIS chains of ``model`` start: "q" (its encoder's q(z|x)) or "prior"."""
+    return "q" if model.has_encoder else "prior"
+
+
 def check_count(value: Any, flag: str, minimum: int = 1) -> int:
     """An integer >= ``minimum`` for option ``flag`` (else a ConfigError naming it)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -140,7 +145,8 @@ def evaluate_model(
         bar.close()
     result["iw_samples"] = iw_samples
     if ais_steps:
-        result.update(ais_steps=ais_steps, ais_chains=ais_chains, ais_leapfrog=ais.LEAPFROG)
+        result.update(ais_steps=ais_steps, ais_chains=ais_chains, ais_leapfrog=ais.LEAPFROG,
+                      ais_start=ais_start(model))  # fmt: skip
     result["diversity_ratio"] = diversity_ratio(model, dataset, seed=metrics.SEED)
     result["num_images"] = n
     result["seconds"] = round(time.perf_counter() - start, 3)
@@ -151,8 +157,9 @@ def simulated_bdmc(
     model: GenerativeModel, n: int, steps: int, chains: int, seed: int = metrics.SEED
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Bidirectional Monte Carlo on ``n`` images simulated from the model (z ~ p(z), x ~
-    p(x|z)): forward AIS chains from the prior and reverse ones from the z that made each x, an
-    exact posterior sample. Returns x and the lower and upper bounds of log p(x) per image
+    p(x|z)): forward AIS chains from the start ``vaelab evaluate``'s AIS uses (the encoder's
+    q(z|x), or the prior) and reverse ones from the z that made each x, an exact posterior
+    sample, back to it. Returns x and the lower and upper bounds of log p(x) per image
     (``AISResult.bound``), in batches of metrics.BATCH_SIZE images."""
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     was_training = model.training
@@ -165,8 +172,9 @@ def simulated_bdmc(
                 with torch.no_grad():
                     z = torch.randn(b, model.cfg.latent_dim, device=device, dtype=dtype)
                     x = model.likelihood.sample(model.decode_logits(z.unsqueeze(0)))[0]
-                lower.append(ais.model_ais(model, x, chains, steps).bound())
-                upper.append(ais.model_ais(model, x, chains, steps, z0=z).bound())
+                    q = model.encode(x) if model.has_encoder else None
+                lower.append(ais.model_ais(model, x, chains, steps, q=q).bound())
+                upper.append(ais.model_ais(model, x, chains, steps, z0=z, q=q).bound())
                 xs.append(x)
     finally:
         model.train(was_training)
@@ -318,6 +326,7 @@ def evaluate(
             bdmc_images=bdmc,
             bdmc_steps=steps,
             bdmc_chains=ais_chains,
+            bdmc_start=ais_start(model),
             bdmc_lower_nats=lower.double().mean().item(),
             bdmc_upper_nats=upper.double().mean().item(),
             bdmc_gap_nats=(upper - lower).double().mean().item(),
@@ -390,6 +399,7 @@ def gap_decomposition(
             "ais_steps": ais_steps,
             "ais_chains": ais_chains,
             "ais_leapfrog": ais.LEAPFROG,
+            "ais_start": ais_start(run.model),
             "iw_samples": iw_samples,
             "q_star_steps": q_star_steps,
             "q_star_samples": gap.SAMPLES,

@@ -154,15 +154,15 @@ def importance(b: Batch) -> dict[str, Tensor]:
 
 @metric("ais")
 def annealed(b: Batch) -> dict[str, Tensor]:
-    """log p(x) by annealed importance sampling from the prior with HMC transitions
-    (``vaelab.ais``): ais_chains chains of ais_steps steps per image, all in one tensor. Only
-    when asked for (ais_steps > 0)."""
+    """log p(x) by annealed importance sampling with HMC transitions (``vaelab.ais``), from the
+    encoder's q(z|x) (from the prior without an encoder): ais_chains chains of ais_steps steps
+    per image, all in one tensor. Only when asked for (ais_steps > 0)."""
     opt = b.options
     if opt.ais_steps < 1:
         return {}
     n, chains = b.x.shape[0], opt.ais_chains
     on_step = None if b.on_samples is None else lambda _: b.on_samples(n * chains)  # type: ignore[misc]
-    result = ais.model_ais(b.fast, b.x, chains, opt.ais_steps, on_step=on_step)
+    result = ais.model_ais(b.fast, b.x, chains, opt.ais_steps, on_step=on_step, q=b.out.posterior)
     return {
         "ais_log_px": result.log_px(),
         "ais_accept_rate": b.x.new_full((n,), result.accept_rate),
