@@ -12,8 +12,9 @@ eval/val.json agree on every key they share. All values are per image unless sai
 - ``elbo_gap_nats``: (IS log-likelihood) - ELBO, the posterior-approximation error
   KL(q(z|x) || p(z|x)) up to the estimator's own (downward) bias;
 - with ``--ais-steps T``: ``ais_nll_nats`` and ``ais_bpd``, -log p(x) by annealed importance
-  sampling from the prior with HMC (``vaelab.ais``; ``--ais-chains`` chains per image), its
-  ``ais_accept_rate`` and the settings (``ais_steps``, ``ais_chains``, ``ais_leapfrog``);
+  sampling with HMC from the encoder's q(z|x), or from the prior without an encoder
+  (``vaelab.ais``; ``--ais-chains`` chains per image), its ``ais_accept_rate`` and the
+  settings (``ais_steps``, ``ais_chains``, ``ais_leapfrog``, ``ais_start``);
 - with ``--bdmc N``: ``bdmc_lower_nats`` and ``bdmc_upper_nats``, the mean bounds of log p(x)
   from forward and reverse AIS on N images simulated from the model, and ``bdmc_gap_nats``
   between them, which bounds the error of AIS with those settings (Grosse et al. 2015);
