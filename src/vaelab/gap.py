@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -177,23 +177,20 @@ class Totals:
     """Per-image sums over the images seen so far (for the means and their standard errors)."""
 
     n: int = 0
-    sums: dict[str, float] | None = None
-    variances: dict[str, float] | None = None
+    sums: dict[str, float] = field(default_factory=dict)
+    variances: dict[str, float] = field(default_factory=dict)
 
     def add(self, est: dict[str, Tensor], var: dict[str, Tensor]) -> None:
-        sums, variances = self.sums or {}, self.variances or {}
         for k, t in est.items():
-            sums[k] = sums.get(k, 0.0) + t.sum().item()
-            variances[k] = variances.get(k, 0.0) + var[k].sum().item()
+            self.sums[k] = self.sums.get(k, 0.0) + t.sum().item()
+            self.variances[k] = self.variances.get(k, 0.0) + var[k].sum().item()
         self.n += next(iter(est.values())).shape[0] if est else 0
-        self.sums, self.variances = sums, variances
 
     def row(self) -> dict[str, Any]:
         """Means of KEYS in that order, their standard errors ("noise": the square root of the
         summed per-image variances, over the number of images), and the ordering checks."""
-        sums, variances = self.sums or {}, self.variances or {}
-        mean = {k: sums[k] / self.n for k in KEYS if k in sums}
-        noise = {k: math.sqrt(variances[k]) / self.n for k in KEYS if k in variances}
+        mean = {k: self.sums[k] / self.n for k in KEYS if k in self.sums}
+        noise = {k: math.sqrt(self.variances[k]) / self.n for k in KEYS if k in self.variances}
         return {**mean, "noise": noise, **ordering(mean, noise)}
 
 
