@@ -168,12 +168,33 @@ def cmd_gap(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quality(args: argparse.Namespace) -> int:
+    from vaelab.quality import quality_table, sample_quality
+    from vaelab.report.draw import run_split
+
+    for run in args.runs:
+        result = sample_quality(
+            run, run_split(run, "train"), run_split(run, args.split), args.split, args.images,
+            args.components, progress=not args.quiet,
+        )  # fmt: skip
+        if args.json:
+            print(json.dumps(result, indent=2))
+        else:
+            print(f"{Path(run).name or run}:")
+            print(quality_table(result))
+            print(f"written to {Path(run) / 'eval' / f'quality_{args.split}.json'}")
+    return 0
+
+
 def cmd_draw(args: argparse.Namespace) -> int:
     from vaelab.report import draw
 
     keep = {"overwrite": args.overwrite}
     if args.command == "sample":
-        out = draw.draw_samples(args.run, args.out, args.n, args.temperature, args.seed, **keep)
+        out = draw.draw_samples(
+            args.run, args.out, args.n, args.temperature, args.seed,
+            sampler=args.sampler, components=args.components, **keep,
+        )  # fmt: skip
     elif args.command == "reconstruct":
         out = draw.draw_reconstructions(args.run, args.out, args.n, args.split, **keep)
     elif args.command == "interpolate":
@@ -347,6 +368,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_gap)
 
+    p = sub.add_parser(
+        "quality", help="sample quality: FID and KID in a trained classifier's feature space"
+    )
+    p.add_argument("runs", nargs="+", metavar="RUN")
+    p.add_argument("--split", default="val", choices=["val", "test"], help="held-out images")
+    p.add_argument("--images", type=count, help="samples and held-out images (default: the split)")
+    p.add_argument("--components", type=count, default=10, help="Gaussians of the gmm sampler")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=cmd_quality)
+
     def picture(name: str, summary: str) -> argparse.ArgumentParser:
         """A command that draws one PNG of a run."""
         p = sub.add_parser(name, help=summary)
@@ -356,10 +388,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=cmd_draw)
         return p
 
-    p = picture("sample", "a grid of samples from the prior")
+    p = picture("sample", "a grid of samples from the prior or a post-hoc sampler")
     p.add_argument("-n", type=count, default=64)
     p.add_argument("--temperature", type=positive, default=1.0, help="z ~ N(0, T^2 I)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--sampler", default="prior", choices=["prior", "gmm"],
+        help="prior: z ~ N(0, I); gmm: a Gaussian mixture fitted to the training codes "
+        "(Ghosh et al. 2020), saved in RUN/samplers/",
+    )  # fmt: skip
+    p.add_argument("--components", type=count, default=10, help="Gaussians of --sampler gmm")
     p = picture("reconstruct", "real images above their reconstructions")
     p.add_argument("-n", type=count, default=32)
     p.add_argument("--split", default="val", choices=["train", "val", "test"])

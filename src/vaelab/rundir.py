@@ -39,9 +39,10 @@ METRICS = "metrics.jsonl"  # one JSON row per split and epoch
 EVAL = "eval"  # eval/<split>.json
 FIGURES = "figures"
 TENSORBOARD = "tensorboard"
+SAMPLERS = "samplers"  # samplers/gmm_<K>.safetensors: post-hoc samplers fitted to the run
 LOCK = ".vaelab.lock"  # held (flock) by the process that trains into the run
 # Top-level names inside a run that belong to the run: no output command may write there.
-RESERVED = (CONFIG, MODEL_CONFIG, WEIGHTS, METRICS, LOCK, "state", EVAL, TENSORBOARD)
+RESERVED = (CONFIG, MODEL_CONFIG, WEIGHTS, METRICS, LOCK, "state", EVAL, TENSORBOARD, SAMPLERS)
 # Files written with atomic_write inside a run: (folder, name pattern) of their temporaries.
 _TEMPORARIES = (
     ("", re.escape(CONFIG)),
@@ -49,8 +50,9 @@ _TEMPORARIES = (
     ("", re.escape(WEIGHTS)),
     ("", re.escape(METRICS)),
     ("state", re.escape(Path(STATE).name)),
-    (EVAL, r"(gap_)?(val|test)\.json"),
+    (EVAL, r"(gap_|quality_)?(val|test)\.json"),
     (FIGURES, r"(curves|reconstructions|samples)\.png"),
+    (SAMPLERS, r"gmm_\d+\.safetensors"),
 )
 # Files of the folders vaelab manages besides runs (a sweep's, the demo's): never an --out.
 SWEEP, SUMMARY = "sweep.json", "summary.json"

@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from vaelab import data, rundir
+from vaelab import data, rundir, samplers
 from vaelab.checkpoint import load, run_config
 from vaelab.config import ConfigError
 from vaelab.models.base import GenerativeModel
@@ -77,17 +77,31 @@ def draw_samples(
     temperature: float = 1.0,
     seed: int = 0,
     *,
+    sampler: str = "prior",
+    components: int = samplers.COMPONENTS,
     overwrite: bool = False,
 ) -> Path:
+    """A grid of ``n`` samples: z from the prior N(0, T^2 I), or (``sampler`` "gmm") from a
+    Gaussian mixture of ``components`` fitted to the training codes, saved with the run
+    (``vaelab.samplers.gmm``)."""
     _count("-n", n)
+    _count("--components", components)
     _positive("--temperature", temperature)
     if isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**64:
         raise ConfigError(f"--seed: expected an integer from -2^63 to 2^64 - 1, got {seed!r}")
+    if sampler not in samplers.KINDS:
+        raise ConfigError(
+            f"--sampler: expected one of {', '.join(samplers.KINDS)}, got {sampler!r}"
+        )
     out = rundir.check_output(out, overwrite=overwrite)
     model = load(run)
     _check_fits(model, n, 8, "-n", "-n")
-    images = pictures.samples(model, n, temperature, seed)
-    title = f"{_label(run, model)}: {n} samples, z ~ N(0, {temperature:g}^2 I)"
+    mixture, what = None, f"z ~ N(0, {temperature:g}^2 I)"
+    if sampler == "gmm":
+        mixture = samplers.gmm(run, model, run_split(run, "train"), run_split(run), components)
+        what = f"z ~ a {components}-Gaussian mixture on the codes, T = {temperature:g}"
+    images = pictures.samples(model, n, temperature, seed, mixture)
+    title = f"{_label(run, model)}: {n} samples, {what}"
     save_grid(images, out, nrow=8, title=title)
     return out
 

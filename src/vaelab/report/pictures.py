@@ -14,6 +14,7 @@ from torch import Tensor
 from vaelab.data import ImageDataset
 from vaelab.models.base import GenerativeModel
 from vaelab.rng import seeded
+from vaelab.samplers import LatentMixture
 
 
 def _device(model: GenerativeModel) -> torch.device:
@@ -26,8 +27,19 @@ def spread(dataset: ImageDataset, n: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def samples(model: GenerativeModel, n: int = 64, temperature: float = 1.0, seed: int = 0) -> Tensor:
-    """n decoder means for z ~ N(0, temperature^2 I)."""
+def samples(
+    model: GenerativeModel,
+    n: int = 64,
+    temperature: float = 1.0,
+    seed: int = 0,
+    mixture: LatentMixture | None = None,
+) -> Tensor:
+    """n decoder means for z ~ N(0, temperature^2 I), or for z from a post-hoc ``mixture``
+    (``vaelab.samplers``: its components' spread scaled by the temperature)."""
+    if mixture is not None:
+        param = next(model.parameters())
+        z = mixture.sample(n, temperature, seed).to(param.device, param.dtype)
+        return model.eval().decode(z).cpu()
     with seeded(seed):
         return model.eval().sample(n, temperature).cpu()
 
