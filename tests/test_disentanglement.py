@@ -4,10 +4,13 @@
     (collapsed) dimension and a pure-noise dimension: every metric near its maximum;
 (b) ``mixed``: the same five factors (plus three zeros) through an 8x8 Hadamard rotation, so
     every code dimension carries every factor with the same weight: all the information is
-    there (DCI informativeness stays high) but no dimension belongs to any factor, so every
-    disentanglement number falls to chance; ``rotated`` is a random (Haar) rotation, less
-    extreme: MIG and DCI must still drop well below (a);
-(c) ``noise``: codes that ignore the factors: accuracies at chance, MIG and DCI near 0.
+    there but no dimension belongs to any factor, so every disentanglement number falls to
+    chance; ``rotated`` is a random (Haar) rotation, less extreme: MIG must still drop well
+    below (a);
+(c) ``noise``: codes that ignore the factors: accuracies at chance, MIG near 0.
+
+DCI is checked on codes of the same kinds built from three small factors (``DCI_SIZES``): its
+boosted trees cost one tree per class and round, too slow for these five.
 """
 
 import math
@@ -31,11 +34,18 @@ from vaelab.disentanglement import (
 SIZES = (3, 6, 10, 8, 8)
 CHANCE = 1 / len(SIZES)
 SAMPLE = uniform_factor_sampler(SIZES)
+# DCI's boosted trees grow one tree per class and round (100 rounds): its tests use three small
+# factors (8 trees a round) and a few hundred points to stay within seconds.
+DCI_SIZES = (2, 3, 4)
 
 
 def standardized(factors):
     """Each factor as a zero-mean, unit-variance code (uniform discrete on 0..size-1)."""
-    sizes = np.asarray(SIZES)
+    return standardized_as(factors, SIZES)
+
+
+def standardized_as(factors, sizes):
+    sizes = np.asarray(sizes)
     return (factors - (sizes - 1) / 2) / np.sqrt((sizes**2 - 1) / 12)
 
 
@@ -98,17 +108,6 @@ def migs():
     for name, encoder in ENCODERS.items():
         codes, factors = sample_codes(encoder(), SAMPLE, SIZES, 10_000, rng=0)
         out[name] = mig(codes, factors, SIZES)
-    return out
-
-
-@pytest.fixture(scope="module")
-def dcis():
-    out = {}
-    for name, encoder in ENCODERS.items():
-        represent = encoder()
-        train = sample_codes(represent, SAMPLE, SIZES, 2000, rng=1)
-        test = sample_codes(represent, SAMPLE, SIZES, 1000, rng=2)
-        out[name] = dci(*train, *test, factor_sizes=SIZES)
     return out
 
 
@@ -200,38 +199,135 @@ def test_represent_is_called_in_chunks_without_changing_the_score(monkeypatch):
 # DCI
 
 
-def test_dci_on_constructed_encoders(dcis):
-    true, mixed, rotated, noise = (dcis[k] for k in ("true", "mixed", "rotated", "noise"))
-    assert true["disentanglement"] >= 0.9
-    assert true["completeness"] >= 0.9
-    assert true["informativeness"] >= 0.95
-    # The collapsed dimension carries no importance and does not count.
-    assert true["importance"][5] == [0.0] * len(SIZES)
-    assert mixed["disentanglement"] <= 0.1
-    assert mixed["completeness"] <= 0.1
-    assert mixed["informativeness"] >= 0.95  # rotated, not lost
-    assert rotated["disentanglement"] <= true["disentanglement"] - 0.4
-    assert rotated["completeness"] <= true["completeness"] - 0.4
-    assert noise["disentanglement"] <= 0.1
-    assert noise["completeness"] <= 0.1
-    # Chance: always guessing one class, about 1/size per factor.
-    assert noise["informativeness"] <= np.mean([1 / s for s in SIZES]) + 0.05
-    assert np.allclose(np.sum(true["importance"], 0), 1.0)
+def dci_factors(n=300, seed=0):
+    """n uniform combinations of DCI_SIZES and the generator that drew them."""
+    g = np.random.default_rng(seed)
+    return g.integers(0, DCI_SIZES, size=(n, len(DCI_SIZES))), g
 
 
-def test_dci_completeness_of_a_factor_split_over_two_dimensions():
-    factors = SAMPLE(2000, np.random.default_rng(0))
-    z = standardized(factors)
-    codes = np.concatenate([z[:, :1], z], 1)  # factor 0 twice, d = 6
-    result = dci(codes[:1000], factors[:1000], codes[1000:], factors[1000:], SIZES)
+def dci_split(codes, factors, n_train=200):
+    """dci trained on the first n_train rows, tested on the rest."""
+    return dci(codes[:n_train], factors[:n_train], codes[n_train:], factors[n_train:], DCI_SIZES)
+
+
+@pytest.mark.parametrize("transform", ["identity", "monotone and shuffled"])
+def test_dci_of_a_perfect_code_is_one(transform):
+    # Logistic-regression weights (vaelab's importances before issue 17) scored the standardized
+    # factors 0.96: a softmax spreads weight over every dimension. A tree splits on one.
+    factors, _ = dci_factors()
+    codes, order = factors.astype(float), np.arange(len(DCI_SIZES))
+    if transform != "identity":
+        order = np.array([2, 0, 1])  # dimension j carries factor order[j]
+        codes = np.exp(2 * codes / np.asarray(DCI_SIZES))[:, order]
+    result = dci_split(codes, factors)
+    assert result["disentanglement"] >= 0.99
+    assert result["completeness"] >= 0.99
+    assert result["informativeness"] == result["informativeness_train"] == 1.0
+    np.testing.assert_allclose(result["importance"], np.eye(len(DCI_SIZES))[order], atol=1e-6)
+
+
+def test_dci_of_entangled_codes_is_low():
+    factors, g = dci_factors()
+    z = np.concatenate([standardized_as(factors, DCI_SIZES), np.zeros((len(factors), 1))], 1)
+    # Every dimension carries every factor with the same weight: the information is all there,
+    # but no dimension belongs to a factor.
+    mixed = dci_split(z @ hadamard(4).T + 0.05 * g.standard_normal(z.shape), factors)
+    assert mixed["disentanglement"] <= 0.4
+    assert mixed["completeness"] <= 0.4
+    assert mixed["informativeness"] >= 0.95
+    noise = dci_split(g.standard_normal((len(factors), 4)), factors)
+    assert noise["disentanglement"] <= 0.05
+    assert noise["completeness"] <= 0.05
+    chance = np.mean([1 / s for s in DCI_SIZES])
+    assert noise["informativeness"] <= chance + 0.1
+
+
+def test_dci_gives_no_importance_to_a_noise_or_a_collapsed_dimension():
+    factors, g = dci_factors()
+    n = len(factors)
+    codes = np.concatenate([factors, g.standard_normal((n, 1)), np.full((n, 1), 0.3)], 1)
+    result = dci_split(codes, factors)
     importance = np.asarray(result["importance"])
-    # Identical columns get identical weights (L2 shares them), so factor 0's importance is split
-    # in two equal halves: completeness 1 - H(1/2, 1/2) / log d.
-    assert importance[0, 0] == pytest.approx(importance[1, 0])
-    assert result["per_factor_completeness"][0] == pytest.approx(
-        1 - math.log(2) / math.log(6), abs=0.03
-    )
-    assert min(result["per_factor_completeness"][1:]) >= 0.9
+    # Every split on the factors' own dimensions separates their classes exactly; the noise
+    # dimension has nothing left to explain, the constant one cannot be split.
+    assert importance[3].max() <= 1e-6
+    assert importance[4].tolist() == [0.0] * len(DCI_SIZES)
+    assert result["per_dim_disentanglement"][4] == 0.0
+    assert result["disentanglement"] >= 0.99
+    assert result["completeness"] >= 0.99
+
+
+def test_dci_completeness_sees_a_duplicated_dimension_and_disentanglement_does_not():
+    factors, _ = dci_factors()
+    codes = np.concatenate([factors[:, :1], factors], 1).astype(float)  # factor 0 twice, d = 4
+    result = dci_split(codes, factors)
+    importance = np.asarray(result["importance"])
+    # The two copies tie at every split; the trees pick one at random each time, so factor 0's
+    # importance is shared. With all of it on two of the d = 4 dimensions its completeness is at
+    # least 1 - log 2 / log 4 = 1/2 (an even share).
+    assert min(importance[0, 0], importance[1, 0]) >= 0.3
+    assert importance[0, 0] + importance[1, 0] == pytest.approx(1.0)
+    assert 0.5 - 1e-9 <= result["per_factor_completeness"][0] <= 0.6
+    assert result["per_factor_completeness"][1:] == pytest.approx([1.0, 1.0], abs=1e-6)
+    # Each of the two dimensions still serves only factor 0.
+    assert result["disentanglement"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_dci_is_disentanglement_libs_computation():
+    """scikit-learn's GradientBoostingClassifier at its defaults, fitted here on the same split,
+    and disentanglement_lib's scores of its importances, written out with numpy."""
+    from sklearn.ensemble import GradientBoostingClassifier
+
+    factors, g = dci_factors(450, seed=1)
+    z = standardized_as(factors, DCI_SIZES)
+    codes = np.stack(
+        [z[:, 0] + 0.5 * z[:, 1], z[:, 1], z[:, 1], z[:, 2] - 0.7 * z[:, 0], g.normal(size=len(z))],
+        1,
+    ) + 0.2 * g.standard_normal((len(z), 5))
+    codes[:, 2] = codes[:, 1]  # a tie at every split: the seed decides between them
+    train, test = slice(0, 300), slice(300, None)
+    importance = np.zeros((5, len(DCI_SIZES)))
+    acc_train, acc_test = [], []
+    for k in range(len(DCI_SIZES)):
+        model = GradientBoostingClassifier(random_state=0).fit(codes[train], factors[train, k])
+        importance[:, k] = model.feature_importances_
+        acc_train.append(np.mean(model.predict(codes[train]) == factors[train, k]))
+        acc_test.append(np.mean(model.predict(codes[test]) == factors[test, k]))
+
+    def one_minus_entropy(r, base):  # of each column of r, normalized
+        p = r / r.sum(0)
+        return 1 + (p * np.log(np.where(p > 0, p, 1.0))).sum(0) / math.log(base)
+
+    per_dim = one_minus_entropy(importance.T, len(DCI_SIZES))
+    per_factor = one_minus_entropy(importance, 5)
+    total = importance.sum()
+    result = dci_split(codes, factors, 300)
+    np.testing.assert_allclose(result["importance"], importance, rtol=1e-12, atol=1e-15)
+    assert result["per_factor_accuracy"] == pytest.approx(acc_test)
+    assert result["informativeness"] == pytest.approx(np.mean(acc_test))
+    assert result["informativeness_train"] == pytest.approx(np.mean(acc_train))
+    assert result["per_dim_disentanglement"] == pytest.approx(per_dim.tolist())
+    assert result["per_factor_completeness"] == pytest.approx(per_factor.tolist())
+    assert result["disentanglement"] == pytest.approx((per_dim * importance.sum(1)).sum() / total)
+    # disentanglement_lib weights each factor by its share of the importance: 1/F here.
+    assert result["completeness"] == pytest.approx((per_factor * importance.sum(0)).sum() / total)
+    # Not a permutation: factors 1 and 2 each take importance from two dimensions.
+    assert 0.3 <= result["disentanglement"] <= 0.9
+    assert 0.3 <= result["completeness"] <= 0.9
+
+
+def test_dci_leaves_out_a_factor_constant_in_the_train_split():
+    factors, g = dci_factors()
+    factors[:200, 0] = 0  # the test split still has both values
+    codes = np.concatenate([factors, g.standard_normal((len(factors), 1))], 1)
+    result = dci_split(codes, factors)
+    assert np.asarray(result["importance"])[:, 0].tolist() == [0.0] * 4
+    assert math.isnan(result["per_factor_completeness"][0])
+    assert result["completeness"] == pytest.approx(np.mean(result["per_factor_completeness"][1:]))
+    assert result["completeness"] >= 0.99
+    # Predicted as the one value it took in training.
+    assert result["per_factor_accuracy"][0] == pytest.approx(np.mean(factors[200:, 0] == 0))
+    assert result["informativeness_train"] == 1.0
 
 
 def test_disentanglement_completeness_formula():
@@ -277,21 +373,24 @@ def test_scores_are_deterministic_given_the_seed(score):
     assert not np.array_equal(run(8)[1], rows)
 
 
-def test_sample_codes_and_dci_are_deterministic():
+def test_sample_codes_and_dci_are_deterministic(monkeypatch):
     a = sample_codes(true_encoder(), SAMPLE, SIZES, 500, rng=4)
     b = sample_codes(true_encoder(), SAMPLE, SIZES, 500, rng=4)
     assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
-    assert dci(*a, *b, SIZES) == dci(*a, *b, SIZES)
+    # The trees break ties between equally good splits at random; a duplicated dimension ties
+    # at every split, so only the fixed seed makes two runs agree.
+    factors, _ = dci_factors()
+    codes = np.concatenate([factors[:, :1], factors], 1).astype(float)
+    first = dci_split(codes, factors)
+    assert dci_split(codes, factors) == first
+    monkeypatch.setattr(dis, "GBT_SEED", dis.GBT_SEED + 1)
+    assert dci_split(codes, factors)["importance"] != first["importance"]
 
 
 def test_metrics_train_their_classifiers_under_no_grad():
-    # Evaluation code runs under torch.no_grad(); the classifiers must still learn.
-    represent = true_encoder()
+    # Evaluation code runs under torch.no_grad(); the classifier must still learn.
     with torch.no_grad():
-        assert beta_vae_score(represent, SAMPLE, SIZES, n_train=100, n_eval=100) >= 0.95
-        codes, factors = sample_codes(represent, SAMPLE, SIZES, 600)
-        result = dci(codes[:400], factors[:400], codes[400:], factors[400:], SIZES)
-    assert result["informativeness"] >= 0.9
+        assert beta_vae_score(true_encoder(), SAMPLE, SIZES, n_train=100, n_eval=100) >= 0.95
 
 
 def test_inputs_are_validated():
