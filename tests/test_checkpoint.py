@@ -1,12 +1,23 @@
 import json
 import pickle
+from dataclasses import dataclass
 
 import pytest
 import torch
+import yaml
 
 import vaelab
 from tests.conftest import tiny_config
-from vaelab.checkpoint import CheckpointError, atomic_write, load
+from vaelab.checkpoint import (
+    CheckpointError,
+    atomic_write,
+    load,
+    model_info,
+    read_metrics,
+    run_config,
+)
+from vaelab.config import MODEL_CONFIGS, load_config
+from vaelab.models.vae import VAEConfig
 
 
 @pytest.fixture
@@ -82,3 +93,48 @@ def test_atomic_write_leaves_old_file_when_interrupted(tmp_path, monkeypatch):
         atomic_write(path, "new")
     assert path.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]  # no temporary left behind
+
+
+@pytest.mark.parametrize("upsample", ["transpose", "resize"])
+def test_a_run_records_its_decoders_upsampling(tmp_path, splits, upsample):
+    cfg = tiny_config("train.epochs=1", f"model.upsample={upsample}")
+    run = vaelab.train(cfg, tmp_path / "run", splits=splits)
+    assert json.loads((run / "config.json").read_text())["model"]["upsample"] == upsample
+    assert run_config(run).model.upsample == upsample
+    model = load(run)
+    assert model.cfg.upsample == upsample
+    kinds = {type(m) for m in model.decoder.modules()}
+    assert (torch.nn.ConvTranspose2d in kinds) == (upsample == "transpose")
+
+
+def test_a_run_saved_before_upsample_existed_loads_and_resumes_transposed(
+    tmp_path, splits, monkeypatch
+):
+    """config.json and config.yaml without model.upsample (every run before the key): the run
+    rebuilds the transposed decoder it trained, also once the default is resize."""
+    cfg = tiny_config("train.epochs=1", "model.upsample=transpose")
+    run = vaelab.train(cfg, tmp_path / "old", splits=splits)
+    z = torch.randn(3, 2)
+    before = load(run).decode(z)
+    info = json.loads((run / "config.json").read_text())
+    del info["model"]["upsample"]
+    (run / "config.json").write_text(json.dumps(info))
+    tree = yaml.safe_load((run / "config.yaml").read_text())
+    del tree["model"]["upsample"]
+    (run / "config.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
+
+    @dataclass(frozen=True)
+    class Later(VAEConfig):  # the vae's config after a change of default
+        upsample: str = "resize"
+
+    monkeypatch.setitem(MODEL_CONFIGS, "vae", Later)
+    assert load_config().model.upsample == "resize"  # a new run would get the new default
+    assert model_info(run)[0].upsample == "transpose"
+    assert run_config(run).model.upsample == "transpose"
+    old = load(run)
+    assert old.cfg.upsample == "transpose"
+    assert torch.equal(old.decode(z), before)
+    # resuming builds the same decoder (a resize one would not take the saved state's tensors)
+    vaelab.resume(run, ["train.epochs=2"], splits=splits)
+    assert read_metrics(run)[-1]["epoch"] == 2
+    assert load(run).cfg.upsample == "transpose"

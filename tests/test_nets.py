@@ -2,11 +2,15 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
-from vaelab.config import load_config
+from vaelab.config import ConfigError, load_config, saved_config
 from vaelab.models import build
-from vaelab.nets import fast
+from vaelab.nets import ConvDecoder, ConvEncoder, fast
+from vaelab.nets import conv as conv_module
 from vaelab.nets.fast import FastConv2d, FastConvTranspose2d, speed_up
+from vaelab.speed import fold_batch_norms, for_sampling
 
 
 @pytest.mark.parametrize(
@@ -318,3 +322,150 @@ def test_speed_up_keeps_the_parameters_and_swaps_the_convolutions():
     torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=1e-12)
     for (name, p), q in zip(model.named_parameters(), plain.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=1e-12, msg=name)
+
+
+# -- the decoder's upsampling (model.upsample) ---------------------------------------------------
+
+
+def _decoder(shape, widths, upsample, latent_dim=3):
+    return ConvDecoder(shape, widths, latent_dim, upsample)
+
+
+@pytest.mark.parametrize("upsample", ["transpose", "resize"])
+@pytest.mark.parametrize(
+    ("shape", "widths"),
+    [
+        ((1, 28, 28), (4, 8, 8)),  # 28 -> 14 -> 7 -> 4 and back: odd on the way
+        ((1, 64, 64), (4, 4, 4)),
+        ((1, 32, 32), (4, 8)),
+        ((3, 64, 64), (4, 4, 4, 4, 4)),  # down to 2x2
+        ((3, 30, 20), (4, 8)),  # not square: 15x10, 8x5
+    ],
+)
+def test_decoders_retrace_the_encoders_sizes(shape, widths, upsample):
+    encoder = ConvEncoder(shape, widths, 6)
+    decoder = _decoder(shape, widths, upsample)
+    x = torch.rand(2, *shape)
+    down = [x.shape[2:]]
+    h = x
+    for stage in encoder.features:
+        h = stage(h)
+        down.append(h.shape[2:])
+    h = decoder.project(torch.randn(2, 3)).view(2, *decoder.start)
+    up = [h.shape[2:]]
+    for stage in decoder.features:
+        h = stage(h)
+        up.append(h.shape[2:])
+    assert up == down[::-1]
+    assert decoder(torch.randn(2, 3)).shape == (2, *shape)
+    kinds = {type(m) for m in decoder.modules()}
+    if upsample == "resize":
+        assert nn.ConvTranspose2d not in kinds and nn.Upsample in kinds
+    else:
+        assert nn.ConvTranspose2d in kinds and nn.Upsample not in kinds
+
+
+def test_upsample_is_a_model_key():
+    for upsample in ("transpose", "resize"):
+        cfg = load_config(overrides=[f"model.upsample={upsample}", "model.widths=[4,8]"])
+        kinds = {type(m) for m in build(cfg.model, (1, 8, 8)).decoder.modules()}
+        assert (nn.Upsample in kinds) == (upsample == "resize")
+        assert (nn.ConvTranspose2d in kinds) == (upsample == "transpose")
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=["model.upsample=bilinear"])
+    assert str(err.value) == ("config key 'model.upsample': expected one of 'transpose', 'resize'")
+    # the MLP decoder has no upsampling: a value other than the default would be ignored
+    with pytest.raises(ConfigError, match=r"^config key 'model.upsample': .*MLP") as err:
+        load_config(overrides=["model.net=mlp", "model.upsample=resize"])
+    assert "\n" not in str(err.value)
+    with saved_config():  # a saved run's config is never refused for it
+        assert load_config(overrides=["model.net=mlp", "model.upsample=resize"]).model.net == "mlp"
+
+
+@pytest.mark.parametrize("size", [(4, 4), (4, 3)])  # to 8x8, and to 7x5 (odd targets)
+def test_resize_stage_is_nearest_resize_then_a_convolution(size):
+    """The stage against an independent computation: each pixel repeated 2x2 (so output pixel
+    i reads source pixel floor(i / 2), the pixel the encoder's stride-2 convolution sampled
+    there), cut to the target size, then F.conv2d."""
+    torch.manual_seed(0)
+    large = (2 * size[0], 2 * size[1] - 1)
+    stage = conv_module._up_block("resize", 5, 6, size, large).double().eval()
+    x = torch.randn(3, 5, *size, dtype=torch.float64)
+    repeated = x.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)[
+        ..., : large[0], : large[1]
+    ]
+    torch.testing.assert_close(
+        F.interpolate(x, size=large, mode="nearest"), repeated, rtol=0, atol=0
+    )
+    conv = stage[1]
+    expected = F.conv2d(repeated, conv.weight, conv.bias, padding=1)
+    torch.testing.assert_close(stage[1](stage[0](x)), expected, rtol=0, atol=1e-12)
+
+
+def test_only_the_transposed_stage_builds_in_a_checkerboard():
+    """A constant input (what a decoder sees where its features are flat): the resize stage's
+    output is constant away from the border, the transposed stage's takes one value per 2x2
+    phase (even pixels get one kernel tap per axis, odd ones two: Odena et al. 2016)."""
+    torch.manual_seed(0)
+    x = torch.ones(1, 4, 6, 6, dtype=torch.float64)
+    for upsample in ("transpose", "resize"):
+        stage = conv_module._up_block(upsample, 4, 3, (6, 6), (12, 12)).double()
+        conv = stage[1] if upsample == "resize" else stage[0]
+        y = stage[: len(stage) - 2](x) if upsample == "resize" else conv(x)  # before the norm
+        inner = y[..., 2:-2, 2:-2]  # (1, 3, 8, 8), starting at an even pixel
+        phases = inner.unfold(2, 2, 2).unfold(3, 2, 2)  # (1, 3, 4, 4, 2, 2): (.., phase r, s)
+        assert (phases - phases[:, :, :1, :1]).abs().max() < 1e-12  # constant in each phase
+        # each phase against phase (0, 0), per channel: (3, 2, 2)
+        between = (phases - phases[..., :1, :1]).abs().amax(dim=(0, 2, 3))
+        if upsample == "resize":
+            assert between.max() < 1e-12  # one value everywhere
+        else:
+            assert (between.flatten(1)[:, 1:] > 1e-3).all()  # the other 3 phases differ
+
+
+@pytest.mark.parametrize("upsample", ["transpose", "resize"])
+def test_folded_batch_norms_give_the_same_decoder(upsample):
+    torch.manual_seed(0)
+    decoder = _decoder((1, 28, 28), (4, 8, 8), upsample).double()
+    with torch.no_grad():  # running statistics and affine parameters away from 0 and 1
+        for _ in range(3):
+            decoder(torch.randn(16, 3, dtype=torch.float64))
+        for m in decoder.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 2.0)
+                m.bias.uniform_(-1.0, 1.0)
+    decoder.eval()
+    folded = fold_batch_norms(copy.deepcopy(decoder))
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    z = torch.randn(8, 3, dtype=torch.float64)
+    torch.testing.assert_close(folded(z), decoder(z), rtol=0, atol=1e-10)
+    # for_sampling folds too, and keeps channels-last
+    fast_copy = for_sampling(decoder, channels_last=True)
+    torch.testing.assert_close(fast_copy(z), decoder(z), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fast_layers_train_the_resize_decoder_the_same(channels_last, paths):
+    """speed_up on a resize model: the same loss and gradients (fp64). Its stride-1
+    convolutions with at most FEW_CHANNELS outputs take the few-outputs path when
+    channels-last, the others torch's."""
+    cfg = load_config(
+        overrides=["model.widths=[4,8]", "model.latent_dim=2", "model.upsample=resize"]
+    )
+    torch.manual_seed(0)
+    plain = build(cfg.model, (1, 8, 8)).double()
+    model = speed_up(copy.deepcopy(plain))
+    x = torch.rand(5, 1, 8, 8, dtype=torch.float64)
+    if channels_last:
+        plain, model = (m.to(memory_format=torch.channels_last) for m in (plain, model))
+        x = x.contiguous(memory_format=torch.channels_last)
+    losses = []
+    for m in (model, plain):
+        torch.manual_seed(1)
+        losses.append(m(x).loss)
+        losses[-1].sum().backward()
+    torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=1e-12)
+    for (name, p), q in zip(model.named_parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=1e-12, msg=name)
+    # 8 -> 4 channels at 4x4 and the 1-channel output layer (the 8 -> 8 stage has 8 outputs)
+    assert paths["few outputs"] == 2 * channels_last

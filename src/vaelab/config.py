@@ -68,6 +68,10 @@ class ModelConfig:
     name: str = "vae"  # the model variant: a registered name (below)
     net: str = "conv"  # conv (stride-2 3x3 stages) | mlp
     widths: tuple[int, ...] = (32, 64)  # conv: channels per stride-2 stage; mlp: hidden sizes
+    # conv decoder's upsampling: transpose (3x3 stride-2 transposed convolutions) | resize
+    # (nearest-neighbour resize, then a 3x3 convolution: no checkerboard artifacts, Odena et al.
+    # 2016). A run saved before this key existed loads as transpose, whatever the default
+    upsample: str = "transpose"
     latent_dim: int = 16  # d, the size of z
     # gaussian (fixed variance) | bernoulli (for binary pixels: data.binarize=true)
     likelihood: str = "gaussian"
@@ -84,6 +88,11 @@ class ModelConfig:
         check_types(self, "model")
         require(self.net in ("conv", "mlp"), "model.net", "one of 'conv', 'mlp'")
         require(
+            self.upsample in ("transpose", "resize"),
+            "model.upsample",
+            "one of 'transpose', 'resize'",
+        )
+        require(
             self.likelihood in ("gaussian", "bernoulli"),
             "model.likelihood",
             "one of 'gaussian', 'bernoulli'",
@@ -99,6 +108,8 @@ class ModelConfig:
         require(0 <= self.free_bits < math.inf, "model.free_bits", "a finite number >= 0")
         if self.likelihood == "bernoulli":
             unused(self, "sigma2", "a Bernoulli decoder has no variance")
+        if self.net == "mlp":
+            unused(self, "upsample", "an MLP decoder does not upsample")
 
     def default(self, key: str) -> Any:
         """The default of field ``key`` in this model's config class."""
@@ -175,10 +186,16 @@ def require(ok: bool, key: str, expected: str) -> None:
 # loading, evaluating and resuming as it was trained.
 _SAVED = contextvars.ContextVar("vaelab_saved_config", default=False)
 
+# Model keys added after runs were first saved -> the value every run saved without the key was
+# trained with. A saved config that lacks such a key gets this value, not the key's default, so
+# the run rebuilds the network it trained even after the default changes.
+SAVED_WITHOUT: dict[str, Any] = {"upsample": "transpose"}  # the only decoder before the key
+
 
 @contextlib.contextmanager
 def saved_config() -> typing.Iterator[None]:
-    """Rebuild configs a run saved: settings its model ignores are not refused (``unused``)."""
+    """Rebuild configs a run saved: settings its model ignores are not refused (``unused``),
+    and model keys the run's files predate take the value they had then (``SAVED_WITHOUT``)."""
     token = _SAVED.set(True)
     try:
         yield
@@ -329,6 +346,9 @@ def from_dict(tree: dict[str, Any]) -> RunConfig:
         known = ", ".join(sorted(MODEL_CONFIGS)) or "none registered (import vaelab)"
         raise ConfigError(f"config key 'model.name': unknown model '{model_name}' (known: {known})")
     model_values["name"] = model_name
+    if _SAVED.get():
+        for key, value in SAVED_WITHOUT.items():
+            model_values.setdefault(key, value)
     sections["model"] = _build_section(
         "model", MODEL_CONFIGS[model_name], model_values, whose=f"model '{model_name}'"
     )

@@ -24,7 +24,7 @@ def build_encoder(cfg: ModelConfig, shape: Shape, out_dim: int) -> nn.Module:
 
 def build_decoder(cfg: ModelConfig, shape: Shape) -> nn.Module:
     if cfg.net == "conv":
-        return ConvDecoder(shape, cfg.widths, cfg.latent_dim)
+        return ConvDecoder(shape, cfg.widths, cfg.latent_dim, cfg.upsample)
     return MLPDecoder(shape, cfg.widths, cfg.latent_dim)
 
 

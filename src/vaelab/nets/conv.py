@@ -1,13 +1,23 @@
 """Convolutional encoder/decoder: one stride-2 stage per entry of ``widths``.
 
 Spatial sizes are computed from the input shape, never hard-coded: a 3x3 stride-2 convolution
-with padding 1 maps n to ceil(n / 2), and the decoder's transposed convolutions pick their output
-padding so that they retrace those sizes exactly (28 -> 14 -> 7 -> 4 and back to 28).
+with padding 1 maps n to ceil(n / 2), and the decoder retraces those sizes exactly (28 -> 14 ->
+7 -> 4 and back to 28) in one of two ways (``model.upsample``):
+
+- ``transpose``: 3x3 stride-2 transposed convolutions, their output padding picked per stage.
+  Where the kernel's taps overlap unevenly (a 3x3 kernel at stride 2 gives even output pixels
+  one tap per axis and odd ones two), the output carries a 2x2 checkerboard pattern (Odena et
+  al. 2016, "Deconvolution and Checkerboard Artifacts", Distill).
+- ``resize``: nearest-neighbour resize to the stage's size, then a 3x3 stride-1 convolution:
+  every output pixel sees the same number of taps, so no pattern is built in. It costs about 4x
+  the multiply-adds of the transposed stage (the convolution runs at the larger size).
 """
 
 from __future__ import annotations
 
 from torch import Tensor, nn
+
+UPSAMPLE = ("transpose", "resize")
 
 
 def _down_sizes(n: int, stages: int) -> list[int]:
@@ -18,8 +28,25 @@ def _down_sizes(n: int, stages: int) -> list[int]:
     return sizes
 
 
-def _block(conv: nn.Module, channels: int) -> nn.Sequential:
-    return nn.Sequential(conv, nn.BatchNorm2d(channels), nn.LeakyReLU(0.2))
+def _block(conv: nn.Module, channels: int, before: tuple[nn.Module, ...] = ()) -> nn.Sequential:
+    return nn.Sequential(*before, conv, nn.BatchNorm2d(channels), nn.LeakyReLU(0.2))
+
+
+def _up_block(
+    upsample: str, cin: int, cout: int, small: tuple[int, int], large: tuple[int, int]
+) -> nn.Sequential:
+    """One decoder stage, from (cin, *small) to (cout, *large), large = 2 * small or one less."""
+    if upsample == "resize":
+        # "nearest" takes source pixel floor(i * n / m) for output pixel i: floor(i / 2) both for
+        # m = 2n and for m = 2n - 1, the pixel whose position the encoder's stride-2 convolution
+        # sampled. (Inside the Sequential the resize comes first, so the convolution's parameter
+        # names differ from the transposed stage's: a run never loads into the other decoder.)
+        resize = nn.Upsample(size=large, mode="nearest")
+        return _block(nn.Conv2d(cin, cout, 3, padding=1), cout, before=(resize,))
+    # A transposed 3x3 stride-2 conv with padding 1 gives 2n - 1 + output_padding, so
+    # output_padding is 1 for even targets.
+    pad = (large[0] - (2 * small[0] - 1), large[1] - (2 * small[1] - 1))
+    return _block(nn.ConvTranspose2d(cin, cout, 3, stride=2, padding=1, output_padding=pad), cout)
 
 
 class ConvEncoder(nn.Module):
@@ -40,22 +67,26 @@ class ConvEncoder(nn.Module):
 
 class ConvDecoder(nn.Module):
     def __init__(
-        self, shape: tuple[int, int, int], widths: tuple[int, ...], latent_dim: int
+        self,
+        shape: tuple[int, int, int],
+        widths: tuple[int, ...],
+        latent_dim: int,
+        upsample: str = "transpose",
     ) -> None:
         super().__init__()
+        if upsample not in UPSAMPLE:
+            raise ValueError(f"upsample: expected one of {UPSAMPLE}, got {upsample!r}")
         c, h, w = shape
         hs, ws = _down_sizes(h, len(widths)), _down_sizes(w, len(widths))
         self.start = (widths[-1], hs[-1], ws[-1])
         self.project = nn.Linear(latent_dim, widths[-1] * hs[-1] * ws[-1])
         stages = []
-        # Stage i goes from size sizes[i+1] to sizes[i]; a transposed 3x3 stride-2 conv with
-        # padding 1 gives 2n - 1 + output_padding, so output_padding is 1 for even targets.
         outs = [*reversed(widths[:-1]), widths[0]]
         cin = widths[-1]
         for i, cout in zip(reversed(range(len(widths))), outs, strict=True):
-            pad = (hs[i] - (2 * hs[i + 1] - 1), ws[i] - (2 * ws[i + 1] - 1))
-            up = nn.ConvTranspose2d(cin, cout, 3, stride=2, padding=1, output_padding=pad)
-            stages.append(_block(up, cout))
+            # stage i goes from size sizes[i+1] to sizes[i]
+            small, large = (hs[i + 1], ws[i + 1]), (hs[i], ws[i])
+            stages.append(_up_block(upsample, cin, cout, small, large))
             cin = cout
         self.features = nn.Sequential(*stages)
         self.out = nn.Conv2d(cin, c, 3, padding=1)
