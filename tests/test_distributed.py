@@ -159,3 +159,27 @@ def test_an_odd_validation_batch_is_split_and_summed_exactly(tmp_path):
         # weights ~1e-7 apart; the KL is only ~0.006 nats after this one epoch, so 1e-6 nats
         assert two[-1][key] == pytest.approx(one[-1][key], rel=1e-6, abs=1e-6)
     assert _max_diff(_weights(tmp_path / "one"), _weights(tmp_path / "two")) < 1e-4
+
+
+def test_factor_vae_two_processes_train_what_one_does(tmp_path):
+    """The discriminator's shuffle mixes the rows of the whole global batch: each process gathers
+    every rank's codes and shuffles them with the noise one process draws. shapes: 459 train /
+    51 val images, batch 64, one epoch; the odd validation batch (26 + 25 rows) is gathered too.
+    A fast discriminator (lr 0.01) makes a wrong shuffle show in its weights."""
+    args = [*ARGS, "data.name=shapes", "data.subset=510", "train.batch_size=64", "train.epochs=1",
+            "model.name=factor_vae", "model.disc_layers=2", "model.disc_width=32",
+            "model.disc_lr=0.01"]  # fmt: skip
+    _train(1, "--out", str(tmp_path / "one"), *args)
+    _train(2, "--out", str(tmp_path / "two"), *args)
+    one, two = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    assert _max_diff(one, two) < 1e-4
+    disc = lambda w: {k: v for k, v in w.items() if k.startswith("discriminator.")}  # noqa: E731
+    assert _max_diff(disc(one), disc(two)) < 1e-6
+    rows = [
+        [json.loads(line) for line in (tmp_path / r / "metrics.jsonl").read_text().splitlines()]
+        for r in ("one", "two")
+    ]
+    for r, q in zip(*rows, strict=True):  # train (7 steps) and val rows: the shuffles agree
+        for key in ("elbo_nats", "tc", "disc_loss"):
+            assert r[key] == pytest.approx(q[key], rel=1e-6, abs=1e-9), (r["split"], key)
+        assert r["disc_acc"] == q["disc_acc"]

@@ -408,7 +408,8 @@ def _check_param_groups(
 ) -> list[dict[str, Any]]:
     """The saved parameter groups against the optimizer's: as many groups, each with as many
     parameters and settings of the same kinds; every state entry belongs to a parameter and
-    has its shape."""
+    has its shape. Returned with the optimizer's settings that a saved group lacks (one added
+    since the run was saved, such as the trainer's "base_lr"), which keep their value."""
     current = optimizer.param_groups
     if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
         raise bad(f"metadata 'param_groups' expected a list of mappings, got {_short(groups)}")
@@ -455,7 +456,7 @@ def _check_param_groups(
                     f"tensor 'optim.{idx}.{name}' has shape {list(value.shape)}, its parameter "
                     f"{list(shape)}"
                 )
-    return groups
+    return [{**now, **saved} for saved, now in zip(groups, current, strict=True)]
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:

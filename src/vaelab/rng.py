@@ -48,8 +48,17 @@ def noise_shard(rank: int, world: int, global_batch: int) -> Iterator[None]:
         _SHARD = before
 
 
+def shard() -> tuple[int, int, int] | None:
+    """(rank, world, global batch size) while batch noise is split over more than one process
+    (``noise_shard``); None in one process. This rank holds rows rank::world of the batch."""
+    return _SHARD if _SHARD is not None and _SHARD[1] > 1 else None
+
+
 def _draw(
-    shape: tuple[int, ...], dim: int, draw: Callable[[tuple[int, ...]], torch.Tensor]
+    shape: tuple[int, ...],
+    dim: int,
+    draw: Callable[[tuple[int, ...]], torch.Tensor],
+    whole: bool = False,
 ) -> torch.Tensor:
     if _SHARD is None or _SHARD[1] == 1:
         return draw(shape)
@@ -61,6 +70,8 @@ def _draw(
             f"of a global batch of {n}"
         )
     noise = draw((*shape[:dim], n, *shape[dim + 1 :]))
+    if whole:
+        return noise
     return noise[(slice(None),) * dim + (slice(rank, None, world),)].contiguous()
 
 
@@ -78,3 +89,14 @@ def batch_randn(
 def batch_rand(shape: tuple[int, ...], dim: int, *, device: torch.device | str) -> torch.Tensor:
     """``torch.rand(shape)`` where axis ``dim`` indexes the images of the (local) batch."""
     return _draw(shape, dim, lambda s: torch.rand(s, device=device))
+
+
+def global_batch_rand(
+    shape: tuple[int, ...], dim: int, *, device: torch.device | str
+) -> torch.Tensor:
+    """The noise ``batch_rand(shape, dim)`` takes its rows from: ``torch.rand`` of the whole
+    global batch (axis ``dim`` as long as the global batch; ``shape`` itself in one process),
+    the same on every rank. For a model that mixes images across the global batch (factor_vae
+    permutes its codes over it); it draws what ``batch_rand`` would, so the generators stay in
+    step."""
+    return _draw(shape, dim, lambda s: torch.rand(s, device=device), whole=True)

@@ -192,10 +192,23 @@ def setup(cfg: RunConfig, splits: Splits | None = None) -> Session:
         module = DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr, fused=tc.fused_adam or None)
+    optimizer = torch.optim.Adam(_groups(model, tc), lr=tc.lr, fused=tc.fused_adam or None)
     scaler = torch.amp.GradScaler(device.type, enabled=tc.precision == "fp16")
     forward = speed.Forward(module, tc, device, world.distributed)
     return Session(cfg, splits, device, world, model, forward, optimizer, scaler, board, picked)
+
+
+def _groups(model: GenerativeModel, tc: TrainConfig) -> list[dict[str, Any]]:
+    """The model's Adam parameter groups (``GenerativeModel.param_groups``), each keeping its
+    own base rate as "base_lr" for the schedule (``learning_rate``). A parameter left out or
+    listed twice is a ValueError naming the model: it would not train, or train twice."""
+    groups = [{**g, "base_lr": g.get("lr", tc.lr)} for g in model.param_groups(tc)]
+    listed = [id(p) for g in groups for p in g["params"]]
+    if sorted(listed) != sorted(id(p) for p in model.parameters()):
+        raise ValueError(
+            f"model '{model.cfg.name}': param_groups() must list every parameter exactly once"
+        )
+    return groups
 
 
 def train(
@@ -594,8 +607,8 @@ def train_step(
     """One optimizer step on batch ``x``: forward, the mean loss backward (scaled for fp16),
     Adam. No host-device synchronisation. With train.compile the first step compiles
     (``speed.Forward.guard`` falls back to eager if that fails)."""
-    for group in session.optimizer.param_groups:
-        group["lr"] = learning_rate(session.cfg.train, ctx.step, total_steps)
+    for group in session.optimizer.param_groups:  # each group's own base rate, scheduled
+        group["lr"] = learning_rate(session.cfg.train, ctx.step, total_steps, group["base_lr"])
 
     def forward_backward() -> ModelOutput:
         out = session.forward(x, ctx)
@@ -646,12 +659,16 @@ def _save(
     session.board.epoch(rows[-2:], model, session.splits.val)
 
 
-def learning_rate(tc: TrainConfig, step: int, total_steps: int) -> float:
-    """The learning rate for optimizer step ``step`` (0-based): a function of the step alone,
-    so resume needs no scheduler state."""
+def learning_rate(
+    tc: TrainConfig, step: int, total_steps: int, base_lr: float | None = None
+) -> float:
+    """The learning rate for optimizer step ``step`` (0-based) of a parameter group whose base
+    rate is ``base_lr`` (default train.lr): a function of the step alone, so resume needs no
+    scheduler state."""
+    lr = tc.lr if base_lr is None else base_lr
     if tc.lr_schedule == "cosine":
-        return tc.lr * 0.5 * (1.0 + math.cos(math.pi * min(step / total_steps, 1.0)))
-    return tc.lr
+        return lr * 0.5 * (1.0 + math.cos(math.pi * min(step / total_steps, 1.0)))
+    return lr
 
 
 # -- helpers -----------------------------------------------------------------------------------

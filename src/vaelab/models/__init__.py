@@ -118,6 +118,7 @@ from vaelab.models import (  # noqa: E402, F401
     beta_vae_capacity,
     decoder_only,
     dip_vae,
+    factor_vae,
     iwae,
     sigma_vae,
     vae,

@@ -11,6 +11,9 @@ The contract between a model, the trainer and evaluation (docs/extending.md):
   in ``ctx``.
 - ``check_run(cfg, world_size)`` refuses run settings the model cannot honour (KL warm-up
   without a KL weight, a batch statistic split over torchrun processes).
+- ``param_groups(train)`` says how Adam trains the parameters: by default one group at
+  train.lr; a model with a part trained at its own pace (factor_vae's discriminator) returns a
+  group per part, each with its own learning rate and betas.
 - The decoder likelihood is an object (``vaelab.models.likelihoods``) and so is the posterior
   (``DiagonalGaussian``); importance sampling and the report read only those interfaces.
 """
@@ -19,12 +22,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from vaelab import losses
-from vaelab.config import ConfigError, ModelConfig, RunConfig
+from vaelab.config import ConfigError, ModelConfig, RunConfig, TrainConfig
 from vaelab.models import likelihoods
 from vaelab.nets import build_decoder
 from vaelab.rng import batch_randn
@@ -156,6 +160,14 @@ class GenerativeModel(nn.Module):
                 f"config key 'train.kl_warmup_steps': expected 0 for model '{cfg.model.name}' "
                 "(its objective has no KL weight to warm up)"
             )
+
+    def param_groups(self, train: TrainConfig) -> list[dict[str, Any]]:
+        """Adam's parameter groups, each a dict of "params" and the settings it overrides
+        ("lr", "betas"; the rest are train's). Every parameter in exactly one group. "lr" is the
+        group's base rate, which train.lr_schedule scales; Adam keeps its state per parameter,
+        so a group with its own "lr" and "betas" is an optimizer of its own, saved and resumed
+        with the run's. Base: one group of every parameter at train.lr."""
+        return [{"params": list(self.parameters()), "lr": train.lr}]
 
     @property
     def num_dims(self) -> int:
