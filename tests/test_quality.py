@@ -245,3 +245,15 @@ def test_gmm_is_refused_for_a_model_without_an_encoder(tmp_path, capsys):
     assert main(["sample", str(made), "--sampler", "gmm", "--out", str(tmp_path / "s.png")]) == 2
     assert "has no encoder, so there are no codes" in capsys.readouterr().err
     assert not (tmp_path / "s.png").exists() and not (made / "samplers").exists()
+
+
+def test_the_report_shows_the_sample_quality_table(run, tmp_path, monkeypatch):
+    monkeypatch.setenv("VAELAB_CACHE", str(tmp_path / "cache"))
+    result = quality.sample_quality(run, run_split(run, "train"), run_split(run), images=100,
+                                    cache=tmp_path / "cache")  # fmt: skip
+    page_path = tmp_path / "report.html"
+    assert main(["report", str(run), "--out", str(page_path), "--quiet", "--iw-samples", "2"]) == 0
+    page = page_path.read_text()
+    assert "Sample quality (vaelab quality)" in page
+    assert f"{result['samplers']['gmm']['fid_classifier']:.4g}" in page  # as the report rounds
+    assert "not Inception FIDs" in page

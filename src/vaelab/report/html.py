@@ -171,6 +171,33 @@ def _gap_section(names: list[str], gaps: list[dict[str, Any]]) -> str:
     )
 
 
+def _quality_section(names: list[str], qualities: list[dict[str, Any]]) -> str:
+    """Sample quality (``vaelab quality``) for the runs that have eval/quality_val.json: FID and
+    KID in the classifier's feature space per sampler, and the floor of real training images
+    ("" when no run has one)."""
+    have = [(name, q) for name, q in zip(names, qualities, strict=True) if q]
+    if not have:
+        return ""
+    kinds = [("prior", "prior samples"), ("gmm", "GMM sampler samples")]
+    rows = []
+    for metric, label in (("fid_classifier", "FID"), ("kid_classifier", "KID")):
+        for kind, what in kinds:
+            cells = [_fmt(q["samplers"][kind][metric]) if kind in q["samplers"] else "-"
+                     for _, q in have]  # fmt: skip
+            rows.append([f"{label}, {what}", *cells])
+        rows.append([f"{label}, training images (floor)",
+                     *(_fmt(q["train_vs_held_out"][metric]) for _, q in have)])  # fmt: skip
+    rows.append(["images", *(html.escape(str(q.get("num_images"))) for _, q in have)])
+    space = html.escape(str(have[0][1].get("feature_space", "")))
+    table = _table(["sample quality (val, lower is better)", *(n for n, _ in have)], rows)
+    return (
+        f"<h2>Sample quality (vaelab quality)</h2>{table}"
+        f'<p class="note">Fr&eacute;chet and kernel distances between samples and as many val '
+        f"images in the feature space of a small classifier trained on the data's labels "
+        f"({space}): they rank models on this data set and are not Inception FIDs.</p>"
+    )
+
+
 def write_report(
     runs: list[str | Path],
     out: str | Path,
@@ -188,7 +215,7 @@ def write_report(
     if not runs:
         raise ValueError("write_report needs at least one run directory")
     names = [r.name or str(r) for r in runs]
-    configs, evals, gaps = [], [], []
+    configs, evals, gaps, qualities = [], [], [], []
     curves, recons, samples, interps, traversals = [], [], [], [], []
     data_cache: dict[str, data.Splits] = {}
     for run, name in zip(runs, names, strict=True):
@@ -196,6 +223,7 @@ def write_report(
         configs.append(cfg.to_dict())
         evals.append(_read_eval(run / rundir.EVAL / "val.json"))
         gaps.append(_read_eval(run / rundir.EVAL / "gap_val.json"))
+        qualities.append(_read_eval(run / rundir.EVAL / "quality_val.json"))
         key = json.dumps(configs[-1]["data"], sort_keys=True)
         if key not in data_cache:
             data_cache[key] = data.build(cfg.data, progress=False)
@@ -230,6 +258,7 @@ def write_report(
         "(Higgins et al. 2017).</p>",
         f"<h2>{config_title}</h2>{config_html}",
         f"<h2>Evaluation</h2>{eval_html}",
+        _quality_section(names, qualities),
         _gap_section(names, gaps),
         extra_html,
         _section("Loss curves (train and val)", curves, "curves"),
