@@ -230,6 +230,8 @@ def test_quality_from_the_cli_writes_its_json(run, tmp_path, monkeypatch, capsys
     assert "FID (classifier)" in shown and "train images (floor)" in shown
     result = json.loads((run / "eval" / "quality_val.json").read_text())
     assert set(result["samplers"]) == {"prior", "gmm"}
+    gmm = result["samplers"]["gmm"]
+    assert gmm["components"] == 10 and gmm["val_log_density"] > gmm["val_log_density_prior"]
     assert result["num_images"] == 200 and result["classifier_heads"] == [["label", 10]]
     for entry in [*result["samplers"].values(), result["train_vs_held_out"]]:
         assert entry["fid_classifier"] >= 0 and np.isfinite(entry["kid_classifier"])

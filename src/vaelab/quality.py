@@ -275,8 +275,9 @@ def sample_quality(
         mixture = samplers.gmm(run, model, train, held_out, components) if kind == "gmm" else None
         fake = features(net, samples(model, n, 1.0, SEED, mixture))
         entry = _distances(fake, real)
-        if mixture is not None:
+        if mixture is not None:  # and how well it fits the validation codes (samplers.fit)
             entry["components"] = mixture.components
+            entry.update({k: v for k, v in mixture.info.items() if k.startswith("val_log")})
         result["samplers"][kind] = entry
     result["seconds"] = time.perf_counter() - start
     rundir.atomic_write(
