@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from vaelab.cli import build_parser, main, parse_args
-from vaelab.config import MODEL_CONFIGS, load_config
+from vaelab.config import MODEL_CONFIGS, NET_UPSAMPLES, load_config
 from vaelab.metrics import METRICS
 from vaelab.models import MODELS
+from vaelab.nets import NETS
 from vaelab.sweep import plan
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -133,10 +134,10 @@ PYTHON = [
 @pytest.mark.parametrize(("code", "where"), PYTHON, ids=[w for _, w in PYTHON])
 def test_python_blocks_run(code, where, tmp_path, monkeypatch):
     """Each block runs on its own, in an empty folder (it may train a small run there). The
-    models and metrics it registers are unregistered after it."""
+    models, metrics and nets it registers are unregistered after it."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("VAELAB_CACHE", str(tmp_path / "cache"))
-    registries = (MODELS, MODEL_CONFIGS, METRICS)
+    registries = (MODELS, MODEL_CONFIGS, METRICS, NETS, NET_UPSAMPLES)
     before = [dict(r) for r in registries]
     try:
         exec(compile(code, where, "exec"), {"__name__": "readme"})

@@ -12,6 +12,7 @@ rename), so a crash leaves either the old file or the new one, never half of one
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 
-from vaelab import models, rundir
+from vaelab import models, nets, rundir
 from vaelab.config import (
     ConfigError,
     ModelConfig,
@@ -35,6 +36,7 @@ from vaelab.rundir import atomic_write
 
 FORMAT = "vaelab-model/1"
 STATE_FILE = Path(rundir.STATE)
+log = logging.getLogger("vaelab")
 
 
 class CheckpointError(RuntimeError):
@@ -44,6 +46,13 @@ class CheckpointError(RuntimeError):
 def run_config(run_dir: str | Path, overrides: list[str] | None = None) -> RunConfig:
     """A run's resolved config (its config.yaml), with ``overrides``. Settings that a newer
     vaelab refuses as ignored by the model do not stop an older run from being read."""
+    path = Path(run_dir) / rundir.MODEL_CONFIG
+    try:  # a net of a plugin: say which file it needs before the config refuses it
+        info = read_json(path)
+    except CheckpointError:
+        info = None  # missing or unreadable: whatever reads it next says so
+    if isinstance(info, dict):
+        check_plugins(path, info)
     with saved_config():
         return load_config(Path(run_dir) / rundir.CONFIG, overrides)
 
@@ -111,8 +120,12 @@ def _state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_model_config(run_dir: str | Path, model: GenerativeModel, meta: dict[str, Any]) -> None:
-    """Write ``config.json``: what ``load`` needs to rebuild the model (written once per run)."""
+    """Write ``config.json``: what ``load`` needs to rebuild the model (written once per run),
+    and for a net of a plugin, the plugin's file name and digest (``plugins``)."""
     info = {"format": FORMAT, "model": to_dict(model.cfg), "shape": list(model.shape), **meta}
+    plugin = nets.plugin_record(model.cfg.net)
+    if plugin is not None:
+        info["plugins"] = [plugin]
     atomic_write(Path(run_dir) / rundir.MODEL_CONFIG, json.dumps(info, indent=2) + "\n")
 
 
@@ -163,12 +176,50 @@ def model_info(run_dir: str | Path) -> tuple[ModelConfig, tuple[int, int, int]]:
             f"'{path}': 'shape' expected [channels, height, width], 3 positive integers with "
             f"channels 1 or 3, got {_short(shape)}"
         )
+    check_plugins(path, info)
     try:
         with saved_config():
             model_cfg = from_dict({"model": dict(info["model"])}).model
     except ConfigError as err:
         raise CheckpointError(f"'{path}': {err}") from None
     return model_cfg, (shape[0], shape[1], shape[2])
+
+
+def check_plugins(path: Path, info: dict[str, Any]) -> None:
+    """A run (``info``: its ``config.json`` at ``path``) whose net came from a plugin: a
+    CheckpointError naming the file to pass with --plugin when the net is not registered; a
+    warning (the weights are checked anyway) when the registered net's file differs from the
+    one the run was trained with. vaelab never imports the file itself."""
+    model, records = info.get("model"), info.get("plugins")
+    net = model.get("net") if isinstance(model, dict) else None
+    if not isinstance(records, list):
+        return
+    for record in records:
+        if not isinstance(record, dict) or record.get("net") != net:
+            continue
+        file = record.get("file")
+        if net not in nets.NETS:
+            if not file:
+                raise CheckpointError(
+                    f"'{path}': model.net '{net}' was registered by code outside a file: "
+                    "register it (vaelab.nets.register) before loading"
+                )
+            raise CheckpointError(
+                f"'{path}': model.net '{net}' comes from the plugin {file}: pass --plugin {file} "
+                "(in Python: import it before loading)"
+            )
+        now, digest = nets.NETS[net], record.get("sha256")
+        if digest and now.sha256 != digest and (path, now.sha256) not in _WARNED:
+            _WARNED.add((path, now.sha256))
+            here = now.file.name if now.file else "code outside a file"
+            what = f"the plugin {file} changed" if here == file else f"{here} replaced {file}"
+            log.warning(
+                f"'{path}': model.net '{net}': {what} since the run was trained (sha256 "
+                f"{digest[:12]}... then, {(now.sha256 or '-')[:12]}... now): loading it anyway"
+            )
+
+
+_WARNED: set[tuple[Path, str | None]] = set()  # each changed plugin is told once per run
 
 
 def load(run_dir: str | Path, device: str | torch.device = "cpu") -> GenerativeModel:

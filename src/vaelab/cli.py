@@ -16,12 +16,15 @@ from vaelab.checkpoint import CheckpointError
 from vaelab.config import ConfigError, load_config
 from vaelab.data import DataError
 from vaelab.evaluate import GAP_AIS_STEPS
+from vaelab.plugins import PluginError, load_plugin
 from vaelab.rundir import RunDirError
 from vaelab.trainer import TrainingDiverged
 
 # Errors that are the input's fault: one line, exit code 2. OSError: a file that cannot be read
 # or written (permissions, a full disk), named by the error itself.
-USAGE_ERRORS = (ConfigError, DataError, CheckpointError, RunDirError, TrainingDiverged, OSError)
+USAGE_ERRORS = (
+    ConfigError, DataError, CheckpointError, RunDirError, PluginError, TrainingDiverged, OSError
+)  # fmt: skip
 
 
 class Parser(argparse.ArgumentParser):
@@ -444,7 +447,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--list", action="store_true", help="name each shipped config with its description"
     )
     p.set_defaults(func=cmd_config)
+    for name, p in sub.choices.items():  # every command that reads a config or a run
+        if name not in ("env", "demo"):
+            plugin_option(p)
     return parser
+
+
+def plugin_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--plugin",
+        action="append",
+        default=[],
+        metavar="FILE.py",
+        help="import your Python file first, for the nets (vaelab.nets.register) or models it "
+        "registers; a run of a plugin's net names the file it needs (repeatable)",
+    )
 
 
 def overwrite_option(p: argparse.ArgumentParser) -> None:
@@ -475,6 +492,8 @@ def main(argv: list[str] | None = None) -> int:
     import vaelab  # noqa: F401  (registers the models before any config is read)
 
     try:
+        for plugin in getattr(args, "plugin", []):  # before any config or run is read
+            load_plugin(plugin)
         return args.func(args)
     except USAGE_ERRORS as err:
         print(f"vaelab: error: {err}", file=sys.stderr)

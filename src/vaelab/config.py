@@ -66,7 +66,9 @@ class ModelConfig:
     """Fields every model has. Variants subclass this to add their own."""
 
     name: str = "vae"  # the model variant: a registered name (below)
-    net: str = "conv"  # conv (stride-2 3x3 stages) | mlp
+    # conv (stride-2 3x3 stages) | mlp | a net of your own (vaelab.nets.register; on the command
+    # line its file comes with --plugin FILE.py)
+    net: str = "conv"
     widths: tuple[int, ...] = (32, 64)  # conv: channels per stride-2 stage; mlp: hidden sizes
     # conv decoder's upsampling: transpose (3x3 stride-2 transposed convolutions) | resize
     # (nearest-neighbour resize, then a 3x3 convolution: no checkerboard artifacts, Odena et al.
@@ -86,7 +88,12 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         check_types(self, "model")
-        require(self.net in ("conv", "mlp"), "model.net", "one of 'conv', 'mlp'")
+        if self.net not in NET_UPSAMPLES:
+            raise ConfigError(
+                f"config key 'model.net': unknown net '{self.net}' (known: "
+                f"{', '.join(sorted(NET_UPSAMPLES))}); a net of your own needs its file: "
+                "--plugin FILE.py (in Python: import it first)"
+            )
         require(
             self.upsample in ("transpose", "resize"),
             "model.upsample",
@@ -108,8 +115,14 @@ class ModelConfig:
         require(0 <= self.free_bits < math.inf, "model.free_bits", "a finite number >= 0")
         if self.likelihood == "bernoulli":
             unused(self, "sigma2", "a Bernoulli decoder has no variance")
-        if self.net == "mlp":
-            unused(self, "upsample", "an MLP decoder does not upsample")
+        if not NET_UPSAMPLES[self.net]:
+            unused(
+                self,
+                "upsample",
+                "an MLP decoder does not upsample"
+                if self.net == "mlp"
+                else f"the decoder of net '{self.net}' does not take it",
+            )
 
     def default(self, key: str) -> Any:
         """The default of field ``key`` in this model's config class."""
@@ -173,6 +186,9 @@ class RunConfig:
 
 # Filled by vaelab.models as each variant registers itself: model name -> its config class.
 MODEL_CONFIGS: dict[str, type[ModelConfig]] = {}
+# Filled by vaelab.nets as each encoder/decoder pair registers: net name -> whether its decoder
+# takes model.upsample.
+NET_UPSAMPLES: dict[str, bool] = {}
 
 _SECTIONS: dict[str, type] = {"data": DataConfig, "train": TrainConfig}
 

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from vaelab import data, distributed, metrics, models, progress, rng, rundir, speed
+from vaelab import data, distributed, metrics, models, nets, progress, rng, rundir, speed
 from vaelab.checkpoint import (
     CheckpointError,
     atomic_write,
@@ -384,9 +384,15 @@ def _reopen(
 
 def _config_text(session: Session) -> str:
     """config.yaml: the session's resolved config, saying why where train.precision=auto
-    picked."""
-    picked = {"train.precision": f"auto picked it: {session.picked}"} if session.picked else None
-    return dump_yaml(session.cfg, picked)
+    picked, and which plugin file a net of a plugin comes from (config.json records it too)."""
+    comments = {"train.precision": f"auto picked it: {session.picked}"} if session.picked else {}
+    plugin = nets.plugin_record(session.cfg.model.net)
+    if plugin is not None and plugin["file"]:
+        file, digest = plugin["file"], plugin.get("sha256", "-")
+        comments["model.net"] = f"from the plugin {file} (sha256 {digest}): pass --plugin {file}"
+    elif plugin is not None:
+        comments["model.net"] = "registered outside a file: register it again before loading"
+    return dump_yaml(session.cfg, comments)
 
 
 def _recording(cfg: RunConfig, splits: Splits) -> dict[str, Any]:
