@@ -17,10 +17,15 @@ Run in reverse from an exact sample of the posterior (data simulated from the mo
 x ~ p(x|z)), the same chains give a stochastic upper bound: the two bracket log p(x)
 (bidirectional Monte Carlo, Grosse et al. 2015), and their difference bounds either's error.
 
-Everything here works on a generic ``log_likelihood(z) -> (N,)`` for z (N, d) with a standard
-normal prior, so it is tested on a model whose log p(x) is known exactly (probabilistic PCA);
+Everything here works on a generic ``log_likelihood(z) -> (N,)`` for z (N, d) with a start
+distribution p(z) given by its potential energy -log p(z) (``Energy``; the standard normal's
+by default), so it is tested on a model whose log p(x) is known exactly (probabilistic PCA);
 ``model_log_likelihood`` adapts a vaelab model and a batch of images, all chains and images in
-one tensor.
+one tensor. The model's prior is ``model.prior``: from q(z|x) (``whitened_log_weight``) its
+log density is part of the annealed factor; from the prior, the chains start at exact draws of
+it and its energy is part of the HMC potential (``prior_energy``: the standard normal's closed
+form, or autograd through any other prior's log density, a VampPrior's mixture). Either way the
+weights estimate p(x) under the learned prior.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import torch
 from torch import Tensor
 
 from vaelab import losses
+from vaelab.models import priors
 from vaelab.models.base import DiagonalGaussian, GenerativeModel
 
 TARGET_ACCEPT = 0.65  # HMC's optimal acceptance rate (Neal 2011); Wu et al. adapt towards it
@@ -42,6 +48,30 @@ MIN_STEP, MAX_STEP = 1e-4, 1.0  # the step sizes adaptation may reach
 ADAPT = 1.02  # per transition, an image's step grows by this factor (or shrinks by its inverse)
 
 LogLikelihood = Callable[[Tensor], Tensor]
+# z (N, d) -> (U(z), grad U(z)): the start distribution's potential energy -log p(z) (any
+# constant dropped) and its gradient, each chain's.
+Energy = Callable[[Tensor], tuple[Tensor, Tensor]]
+
+
+def standard_normal_energy(z: Tensor) -> tuple[Tensor, Tensor]:
+    """-log N(z; 0, I) without its constant, |z|^2 / 2, and its gradient z."""
+    return 0.5 * z.square().sum(-1), z
+
+
+def prior_energy(prior: priors.Prior) -> Energy:
+    """The energy -log p(z) of a model's prior: the standard normal's closed form, or autograd
+    through ``prior.log_prob`` (a prior held fixed: ``Prior.fixed``)."""
+    if isinstance(prior, priors.StandardNormal):
+        return standard_normal_energy
+
+    def energy(z: Tensor) -> tuple[Tensor, Tensor]:
+        with torch.enable_grad():
+            z = z.detach().requires_grad_(True)
+            u = -prior.log_prob(z)
+            (grad,) = torch.autograd.grad(u.sum(), z)
+        return u.detach(), grad
+
+    return energy
 
 
 def sigmoid_schedule(steps: int, rad: float = 4.0) -> Tensor:
@@ -107,24 +137,32 @@ def _log_lik_and_grad(log_lik: LogLikelihood, z: Tensor) -> tuple[Tensor, Tensor
 
 
 def _hmc(
-    log_lik: LogLikelihood, z: Tensor, beta: float, eps: Tensor, state: tuple[Tensor, Tensor]
+    log_lik: LogLikelihood,
+    z: Tensor,
+    beta: float,
+    eps: Tensor,
+    state: tuple[Tensor, Tensor],
+    energy: Energy = standard_normal_energy,
 ) -> tuple[Tensor, tuple[Tensor, Tensor], Tensor]:
     """One HMC transition of every chain, leaving f(z) = p(z) p(x|z)^beta invariant: the
-    potential is U(z) = |z|^2 / 2 - beta log p(x|z). ``state``: log p(x|z) and its gradient at
-    z. Returns the new z, its state, and which chains accepted."""
+    potential is U(z) - beta log p(x|z), U = -log p(z) (``energy``; |z|^2 / 2 for the standard
+    normal). ``state``: log p(x|z) and its gradient at z. Returns the new z, its state, and
+    which chains accepted."""
     ll0, g0 = state
+    u0, gu0 = energy(z)
     e = eps.unsqueeze(-1)
     p0 = torch.randn_like(z)
-    p = p0 - 0.5 * e * (z - beta * g0)
-    z1, ll1, g1 = z, ll0, g0
+    p = p0 - 0.5 * e * (gu0 - beta * g0)
+    z1, ll1, g1, u1, gu1 = z, ll0, g0, u0, gu0
     for i in range(LEAPFROG):
         z1 = z1 + e * p
         ll1, g1 = _log_lik_and_grad(log_lik, z1)
+        u1, gu1 = energy(z1)
         if i < LEAPFROG - 1:
-            p = p - e * (z1 - beta * g1)
-    p = p - 0.5 * e * (z1 - beta * g1)
-    h0 = 0.5 * z.square().sum(-1) - beta * ll0 + 0.5 * p0.square().sum(-1)
-    h1 = 0.5 * z1.square().sum(-1) - beta * ll1 + 0.5 * p.square().sum(-1)
+            p = p - e * (gu1 - beta * g1)
+    p = p - 0.5 * e * (gu1 - beta * g1)
+    h0 = u0 - beta * ll0 + 0.5 * p0.square().sum(-1)
+    h1 = u1 - beta * ll1 + 0.5 * p.square().sum(-1)
     log_ratio = torch.nan_to_num(h0 - h1, nan=-math.inf)  # a diverged trajectory: rejected
     accept = torch.log(torch.rand_like(log_ratio)) < log_ratio
     keep = accept.unsqueeze(-1)
@@ -141,10 +179,13 @@ def ais(
     steps: int,
     reverse: bool = False,
     on_step: Callable[[int], object] | None = None,
+    energy: Energy = standard_normal_energy,
 ) -> AISResult:
-    """AIS from z0 (chains, B, d): forward from prior samples, or ``reverse`` from exact
-    posterior samples (the schedule then runs from beta 1 to 0). ``log_lik`` maps z (N, d) to
-    log p(x|z) (N,), N = chains x B, chain-major. ``on_step(1)`` after each transition."""
+    """AIS from z0 (chains, B, d): forward from exact samples of the start distribution p(z)
+    (``energy``: its -log p(z) and gradient, the standard normal's by default), or ``reverse``
+    from exact posterior samples (the schedule then runs from beta 1 to 0). ``log_lik`` maps
+    z (N, d) to log p(x|z) (N,), N = chains x B, chain-major. ``on_step(1)`` after each
+    transition."""
     chains, b, d = z0.shape
     betas = sigmoid_schedule(steps).tolist()
     if reverse:
@@ -157,7 +198,7 @@ def ais(
     for t in range(1, steps + 1):
         # the weight's increment at the current z, then a transition that leaves f_t invariant
         log_w += (betas[t] - betas[t - 1]) * state[0].double()
-        z, state, accept = _hmc(log_lik, z, betas[t], eps.repeat(chains), state)
+        z, state, accept = _hmc(log_lik, z, betas[t], eps.repeat(chains), state, energy)
         rate = accept.to(eps.dtype).view(chains, b).mean(0)  # over the image's chains
         eps = (eps * torch.where(rate > TARGET_ACCEPT, ADAPT, 1.0 / ADAPT)).clamp(
             MIN_STEP, MAX_STEP
@@ -187,15 +228,16 @@ def whitened_log_weight(
     importance weight log p(x|z) + log p(z) - log q(z|x) at z = mu + sigma u (the Jacobian of
     the change of variables cancels between target and start). So ``ais`` runs unchanged,
     its HMC steps scaled to q's widths in each dimension, and its weights still estimate
-    p(x)."""
+    p(x). log p(z) is the model's prior's (held fixed: ``Prior.fixed``)."""
     log_lik = model_log_likelihood(model, x, chains)
+    prior = model.prior.fixed()
     mu, std = q.mu.repeat(chains, 1), q.std.repeat(chains, 1)  # chain-major, like z
     log_det = 0.5 * q.logvar.sum(-1).repeat(chains)  # sum_j log sigma_j per row
 
     def log_weight(u: Tensor) -> Tensor:
         z = mu + std * u
         log_q = losses.standard_normal_log_prob(u) - log_det  # log q(z|x) at z = mu + sigma u
-        return log_lik(z) + losses.standard_normal_log_prob(z) - log_q
+        return log_lik(z) + prior.log_prob(z) - log_q
 
     return log_weight
 
@@ -210,16 +252,21 @@ def model_ais(
     q: DiagonalGaussian | None = None,
 ) -> AISResult:
     """AIS of a vaelab model on images x (B, C, H, W), ``chains`` per image: forward from the
-    prior, or from ``q`` (the encoder's q(z|x): ``whitened_log_weight``); given ``z0`` (B, d)
-    (an exact posterior sample of each image: the z that made it), reverse from there to the
-    same start."""
+    model's prior (``model.prior``), or from ``q`` (the encoder's q(z|x):
+    ``whitened_log_weight``); given ``z0`` (B, d) (an exact posterior sample of each image: the
+    z that made it), reverse from there to the same start."""
     shape = (chains, x.shape[0], model.cfg.latent_dim)
     if q is None:
-        log_lik, start = model_log_likelihood(model, x, chains), z0
-    else:
-        log_lik = whitened_log_weight(model, x, q, chains)
+        prior = model.prior.fixed()
+        log_lik, start, energy = model_log_likelihood(model, x, chains), z0, prior_energy(prior)
+    else:  # whitened: the start is N(0, I) in u, whatever the prior
+        log_lik, energy = whitened_log_weight(model, x, q, chains), standard_normal_energy
         start = None if z0 is None else (z0 - q.mu) / q.std
     if start is None:
-        u = torch.randn(shape, device=x.device, dtype=x.dtype)
-        return ais(log_lik, u, steps, on_step=on_step)
-    return ais(log_lik, start.expand(shape).clone(), steps, reverse=True, on_step=on_step)
+        if q is None:
+            u = prior.sample(shape[:-1], device=x.device, dtype=x.dtype)  # exact draws of p(z)
+        else:
+            u = torch.randn(shape, device=x.device, dtype=x.dtype)
+        return ais(log_lik, u, steps, on_step=on_step, energy=energy)
+    return ais(log_lik, start.expand(shape).clone(), steps, reverse=True, on_step=on_step,
+               energy=energy)  # fmt: skip

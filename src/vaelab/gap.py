@@ -11,6 +11,10 @@ diagonal Gaussian can close) and the amortization gap ELBO(q*) - ELBO(q) (what o
 all images costs). log p(x) comes from AIS (``vaelab.ais``), the IW bound from importance
 sampling with q (``metrics.importance``).
 
+The ELBOs use the model's prior (``model.prior``): the closed-form KL where it has one (the
+standard normal), else the Monte Carlo form E_q[log p(x|z) + log p(z) - log q(z|x)] on the same
+draws of z (a VampPrior), so every number here is the learned model's.
+
 The metric "gap" (registered here, run by ``vaelab gap``, see ``evaluate.gap``) returns
 ELBO(q) and ELBO(q*) per image; ``batch_row`` and ``summary`` turn the evaluation pass's values
 into the numbers of ``eval/gap_<split>.json``, each with its standard error.
@@ -28,6 +32,7 @@ from torch import Tensor
 
 from vaelab import metrics
 from vaelab.metrics import Batch
+from vaelab.models import priors
 from vaelab.models.base import DiagonalGaussian, GenerativeModel
 from vaelab.rng import batch_randn
 
@@ -48,12 +53,20 @@ ORDER = (
 )
 
 
-def elbo(model: GenerativeModel, x: Tensor, q: DiagonalGaussian, samples: int) -> Tensor:
-    """ELBO(q) per image, (B,): E_q[log p(x|z)] by ``samples`` reparameterised draws, minus the
-    closed-form KL(q || N(0, I))."""
+def elbo(
+    model: GenerativeModel,
+    x: Tensor,
+    q: DiagonalGaussian,
+    samples: int,
+    prior: priors.Prior | None = None,
+) -> Tensor:
+    """ELBO(q) per image, (B,): E_q[log p(x|z)] by ``samples`` reparameterised draws, minus
+    KL(q || p(z)), closed form where the prior (default: the model's) has one, else by Monte
+    Carlo on the same draws."""
+    prior = model.prior if prior is None else prior
     z = q.rsample(samples)  # (samples, B, d)
     log_lik = -model.likelihood.nll(x, model.decode_logits(z))  # (samples, B)
-    return log_lik.mean(0) - q.kl()
+    return log_lik.mean(0) - prior.kl(q, z)
 
 
 def optimise_posterior(
@@ -67,6 +80,7 @@ def optimise_posterior(
     """q*(z|x): a diagonal Gaussian per image, from ``q`` (the encoder's), after ``steps`` of
     Adam on the summed ELBO estimate (each image's parameters only see its own term), the step
     size falling linearly from ``lr`` to 0. The model's parameters are not changed."""
+    prior = model.prior.fixed()  # encoded once (a VampPrior), not at every step
     mu = q.mu.detach().clone().requires_grad_(True)
     logvar = q.logvar.detach().clone().requires_grad_(True)
     opt = torch.optim.Adam([mu, logvar], lr=lr)
@@ -74,7 +88,7 @@ def optimise_posterior(
         for i in range(steps):
             # the step size falls linearly to 0: the last steps average out the sampling noise
             opt.param_groups[0]["lr"] = lr * (1.0 - i / steps)
-            loss = -elbo(model, x, DiagonalGaussian(mu, logvar), samples).sum()
+            loss = -elbo(model, x, DiagonalGaussian(mu, logvar), samples, prior).sum()
             # gradients of q's parameters only: the model's .grad stay as they are
             mu.grad, logvar.grad = torch.autograd.grad(loss, [mu, logvar])
             opt.step()
@@ -104,8 +118,11 @@ def compare_elbos(
 ) -> ElboComparison:
     """ELBO(q) and ELBO(q*) with ``samples`` draws each, z = mu + sigma * eps with the same eps
     for both (common random numbers: the difference ELBO(q*) - ELBO(q) keeps little of either's
-    noise), in chunks of bounded memory, sums in float64. The KLs are exact; the variances are
+    noise), in chunks of bounded memory, sums in float64. The KLs are exact where the prior has a
+    closed form; else each draw's term is log p(x|z) + log p(z) - log q(z|x). The variances are
     those of the Monte Carlo means (sample variance / samples)."""
+    prior = model.prior.fixed()
+    kls = [prior.analytic_kl(p) for p in (q, q_star)]  # None: Monte Carlo
     b, d = q.mu.shape
     chunk = max(1, min(samples, metrics.MAX_ELEMENTS // (b * model.num_dims)))
     total = torch.zeros(3, b, dtype=torch.float64, device=x.device)  # q, q*, q* - q
@@ -113,8 +130,8 @@ def compare_elbos(
     for start in range(0, samples, chunk):
         size = min(chunk, samples - start)
         eps = batch_randn((size, b, d), 1, device=x.device, dtype=q.mu.dtype)
-        ll = [-model.likelihood.nll(x, model.decode_logits(p.mu + p.std * eps)).double()
-              for p in (q, q_star)]  # fmt: skip
+        ll = [_log_weight(model, prior, x, p, p.mu + p.std * eps, kl is None).double()
+              for p, kl in zip((q, q_star), kls, strict=True)]  # fmt: skip
         terms = torch.stack([ll[0], ll[1], ll[1] - ll[0]])  # (3, size, B)
         total += terms.sum(1)
         squares += terms.square().sum(1)
@@ -122,7 +139,7 @@ def compare_elbos(
             on_samples(2 * size * b)
     mean = total / samples
     var = (squares / samples - mean.square()).clamp_min(0) / max(samples - 1, 1)
-    kl_q, kl_star = q.kl().double(), q_star.kl().double()
+    kl_q, kl_star = (0.0 if kl is None else kl.double() for kl in kls)
     return ElboComparison(
         elbo_q=mean[0] - kl_q,
         elbo_q_star=mean[1] - kl_star,
@@ -130,6 +147,20 @@ def compare_elbos(
         elbo_q_star_var=var[1],
         difference_var=var[2],
     )
+
+
+def _log_weight(
+    model: GenerativeModel,
+    prior: priors.Prior,
+    x: Tensor,
+    q: DiagonalGaussian,
+    z: Tensor,
+    with_prior: bool,
+) -> Tensor:
+    """log p(x|z) for draws z (n, B, d) of q, plus log p(z) - log q(z|x) when ``with_prior``
+    (a prior without a closed-form KL), (n, B)."""
+    log_lik = -model.likelihood.nll(x, model.decode_logits(z))
+    return log_lik + prior.log_prob(z) - q.log_prob(z) if with_prior else log_lik
 
 
 @metrics.metric("gap")

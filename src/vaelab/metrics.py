@@ -172,11 +172,15 @@ def annealed(b: Batch) -> dict[str, Tensor]:
 
 @metric("posterior")
 def posterior(b: Batch) -> dict[str, Tensor]:
-    """KL per latent dimension, and the posterior means' first two moments (active units)."""
+    """KL per latent dimension (where the prior has it in closed form: not for a VampPrior,
+    whose KL is one Monte Carlo estimate), and the posterior means' first two moments (active
+    units)."""
     q = b.out.posterior
     if q is None:
         return {}
-    return {"kl_per_dim": q.kl_per_dim(), "mu": q.mu, "mu_squared": q.mu.square()}
+    kl_dims = b.model.prior.analytic_kl_per_dim(q)
+    per_dim = {} if kl_dims is None else {"kl_per_dim": kl_dims}
+    return {**per_dim, "mu": q.mu, "mu_squared": q.mu.square()}
 
 
 @metric("reconstruction")

@@ -122,6 +122,7 @@ from vaelab.models import (  # noqa: E402, F401
     iwae,
     sigma_vae,
     vae,
+    vamp_vae,
 )
 from vaelab.models.vae import VAE  # noqa: E402  (the base class of variants with an encoder)
 

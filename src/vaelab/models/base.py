@@ -14,8 +14,10 @@ The contract between a model, the trainer and evaluation (docs/extending.md):
 - ``param_groups(train)`` says how Adam trains the parameters: by default one group at
   train.lr; a model with a part trained at its own pace (factor_vae's discriminator) returns a
   group per part, each with its own learning rate and betas.
-- The decoder likelihood is an object (``vaelab.models.likelihoods``) and so is the posterior
-  (``DiagonalGaussian``); importance sampling and the report read only those interfaces.
+- The decoder likelihood is an object (``vaelab.models.likelihoods``), and so are the prior
+  (``vaelab.models.priors``: ``model.prior``, N(0, I) unless ``build_prior`` says otherwise)
+  and the posterior (``DiagonalGaussian``); the KL, sampling, importance sampling, AIS and the
+  report read only those interfaces.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from torch import Tensor, nn
 
 from vaelab import losses
 from vaelab.config import ConfigError, ModelConfig, RunConfig, TrainConfig
-from vaelab.models import likelihoods
+from vaelab.models import likelihoods, priors
 from vaelab.nets import build_decoder
 from vaelab.rng import batch_randn
 
@@ -132,7 +134,8 @@ class DiagonalGaussian:
 
 
 class GenerativeModel(nn.Module):
-    """A decoder p(x|z) under the prior p(z) = N(0, I). Subclasses define ``forward``.
+    """A decoder p(x|z) under a prior p(z), ``self.prior`` (``build_prior``: N(0, I) unless a
+    variant says otherwise). Subclasses define ``forward``.
 
     Subclass ``VAE`` (vaelab.models.vae) for a model with a Gaussian encoder; register it with
     ``vaelab.models.register(name)``.
@@ -146,10 +149,17 @@ class GenerativeModel(nn.Module):
         self.shape = tuple(shape)
         self.decoder = build_decoder(cfg, self.shape)
         self.likelihood = self.build_likelihood()
+        self.prior = self.build_prior()
 
     def build_likelihood(self) -> likelihoods.Likelihood:
         """The decoder likelihood (model.likelihood, model.sigma2); a variant may return its own."""
         return likelihoods.from_config(self.cfg.likelihood, self.cfg.sigma2)
+
+    def build_prior(self) -> priors.Prior:
+        """The prior p(z) (``vaelab.models.priors``); a variant may return its own (vamp_vae).
+        Called after the decoder and the likelihood are built, before a subclass's own
+        ``__init__`` goes on (the encoder of ``VAE`` does not exist yet)."""
+        return priors.StandardNormal(self.cfg.latent_dim)
 
     @classmethod
     def check_run(cls, cfg: RunConfig, world_size: int) -> None:
@@ -199,9 +209,10 @@ class GenerativeModel(nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0) -> Tensor:
-        """n images (decoder means) for z ~ N(0, temperature^2 I), (n, C, H, W)."""
+        """n images (decoder means) for z ~ p(z), each of the prior's components' spread scaled
+        by ``temperature`` (N(0, temperature^2 I) for the standard normal), (n, C, H, W)."""
         param = next(self.parameters())
-        z = temperature * torch.randn(n, self.cfg.latent_dim, device=param.device)
+        z = self.prior.sample(n, temperature, device=param.device)
         return self.decode(z.to(param.dtype))
 
     def encode(self, x: Tensor) -> DiagonalGaussian:
@@ -212,7 +223,7 @@ class GenerativeModel(nn.Module):
         proposal r, (k, B); log p(x) ~= logmeanexp over k. Without an encoder the proposal is
         the prior, so the weights are log p(x|z_k), z_k ~ p(z). ``q``: the batch's posterior
         if already computed (models with an encoder)."""
-        z = torch.randn(k, x.shape[0], self.cfg.latent_dim, device=x.device, dtype=x.dtype)
+        z = self.prior.sample((k, x.shape[0]), device=x.device, dtype=x.dtype)  # (k, B, d)
         return -self.likelihood.nll(x, self.decode_logits(z))
 
     @torch.no_grad()
