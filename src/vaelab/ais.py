@@ -242,6 +242,14 @@ def whitened_log_weight(
     return log_weight
 
 
+def start(model: GenerativeModel) -> str:
+    """Where AIS of ``model`` starts: "q" (its encoder's q(z|x), a diagonal Gaussian, in whose
+    whitened coordinates the chains run: ``whitened_log_weight``) or "prior" (no encoder, or a
+    posterior that is not a diagonal Gaussian, whose class says ``gaussian_posterior = False``:
+    iaf_vae's flow)."""
+    return "q" if model.has_encoder and getattr(model, "gaussian_posterior", True) else "prior"
+
+
 def model_ais(
     model: GenerativeModel,
     x: Tensor,
@@ -253,8 +261,13 @@ def model_ais(
 ) -> AISResult:
     """AIS of a vaelab model on images x (B, C, H, W), ``chains`` per image: forward from the
     model's prior (``model.prior``), or from ``q`` (the encoder's q(z|x):
-    ``whitened_log_weight``); given ``z0`` (B, d) (an exact posterior sample of each image: the
-    z that made it), reverse from there to the same start."""
+    ``whitened_log_weight``: a ``DiagonalGaussian``); given ``z0`` (B, d) (an exact posterior
+    sample of each image: the z that made it), reverse from there to the same start."""
+    if q is not None and not isinstance(q, DiagonalGaussian):
+        raise TypeError(
+            f"AIS from q(z|x) needs a diagonal Gaussian, got {type(q).__name__}: start from the "
+            "prior (q=None; ais.start says which a model takes)"
+        )
     shape = (chains, x.shape[0], model.cfg.latent_dim)
     if q is None:
         prior = model.prior.fixed()

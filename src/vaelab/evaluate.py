@@ -88,8 +88,9 @@ def diversity_ratio(
 
 
 def ais_start(model: GenerativeModel) -> str:
-    """Where the AIS chains of ``model`` start: "q" (its encoder's q(z|x)) or "prior"."""
-    return "q" if model.has_encoder else "prior"
+    """Where the AIS chains of ``model`` start: "q" (its encoder's q(z|x)) or "prior"
+    (``ais.start``: no encoder, or a posterior that is not a diagonal Gaussian)."""
+    return ais.start(model)
 
 
 def check_count(value: Any, flag: str, minimum: int = 1) -> int:
@@ -174,7 +175,7 @@ def simulated_bdmc(
                 with torch.no_grad():
                     z = model.prior.sample(b, device=device, dtype=dtype)  # z ~ p(z)
                     x = model.likelihood.sample(model.decode_logits(z.unsqueeze(0)))[0]
-                    q = model.encode(x) if model.has_encoder else None
+                    q = model.encode(x) if ais.start(model) == "q" else None
                 lower.append(ais.model_ais(model, x, chains, steps, q=q).bound())
                 upper.append(ais.model_ais(model, x, chains, steps, z0=z, q=q).bound())
                 xs.append(x)

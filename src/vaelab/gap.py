@@ -64,6 +64,10 @@ def elbo(
     KL(q || p(z)), closed form where the prior (default: the model's) has one, else by Monte
     Carlo on the same draws."""
     prior = model.prior if prior is None else prior
+    if not isinstance(q, DiagonalGaussian):  # a flow (iaf_vae): log q of its own samples
+        z, log_q = q.rsample_with_log_prob(samples)
+        log_lik = -model.likelihood.nll(x, model.decode_logits(z))
+        return (log_lik + prior.log_prob(z) - log_q).mean(0)
     z = q.rsample(samples)  # (samples, B, d)
     log_lik = -model.likelihood.nll(x, model.decode_logits(z))  # (samples, B)
     return log_lik.mean(0) - prior.kl(q, z)
@@ -79,8 +83,13 @@ def optimise_posterior(
 ) -> DiagonalGaussian:
     """q*(z|x): a diagonal Gaussian per image, from ``q`` (the encoder's), after ``steps`` of
     Adam on the summed ELBO estimate (each image's parameters only see its own term), the step
-    size falling linearly from ``lr`` to 0. The model's parameters are not changed."""
+    size falling linearly from ``lr`` to 0. The model's parameters are not changed.
+
+    A posterior that is not a diagonal Gaussian (iaf_vae's flow) keeps its flow and context as
+    they are: q* is the same flow from a base Gaussian N(mu, diag exp(logvar)) of the image's
+    own (``q.with_base``), so the approximation gap is what no such flow closes."""
     prior = model.prior.fixed()  # encoded once (a VampPrior), not at every step
+    make = DiagonalGaussian if isinstance(q, DiagonalGaussian) else q.with_base
     mu = q.mu.detach().clone().requires_grad_(True)
     logvar = q.logvar.detach().clone().requires_grad_(True)
     opt = torch.optim.Adam([mu, logvar], lr=lr)
@@ -88,11 +97,11 @@ def optimise_posterior(
         for i in range(steps):
             # the step size falls linearly to 0: the last steps average out the sampling noise
             opt.param_groups[0]["lr"] = lr * (1.0 - i / steps)
-            loss = -elbo(model, x, DiagonalGaussian(mu, logvar), samples, prior).sum()
+            loss = -elbo(model, x, make(mu, logvar), samples, prior).sum()
             # gradients of q's parameters only: the model's .grad stay as they are
             mu.grad, logvar.grad = torch.autograd.grad(loss, [mu, logvar])
             opt.step()
-    return DiagonalGaussian(mu.detach(), logvar.detach())
+    return make(mu.detach(), logvar.detach())
 
 
 @dataclass
@@ -120,9 +129,12 @@ def compare_elbos(
     for both (common random numbers: the difference ELBO(q*) - ELBO(q) keeps little of either's
     noise), in chunks of bounded memory, sums in float64. The KLs are exact where the prior has a
     closed form; else each draw's term is log p(x|z) + log p(z) - log q(z|x). The variances are
-    those of the Monte Carlo means (sample variance / samples)."""
+    those of the Monte Carlo means (sample variance / samples). A flow posterior (iaf_vae)
+    pushes the same base noise eps through its flow (``transform``), with log q of its
+    samples."""
     prior = model.prior.fixed()
-    kls = [prior.analytic_kl(p) for p in (q, q_star)]  # None: Monte Carlo
+    # None: Monte Carlo (always for a flow, whose KL has no closed form)
+    kls = [prior.analytic_kl(p) if isinstance(p, DiagonalGaussian) else None for p in (q, q_star)]
     b, d = q.mu.shape
     chunk = max(1, min(samples, metrics.MAX_ELEMENTS // (b * model.num_dims)))
     total = torch.zeros(3, b, dtype=torch.float64, device=x.device)  # q, q*, q* - q
@@ -130,7 +142,7 @@ def compare_elbos(
     for start in range(0, samples, chunk):
         size = min(chunk, samples - start)
         eps = batch_randn((size, b, d), 1, device=x.device, dtype=q.mu.dtype)
-        ll = [_log_weight(model, prior, x, p, p.mu + p.std * eps, kl is None).double()
+        ll = [_log_weight(model, prior, x, p, eps, kl is None).double()
               for p, kl in zip((q, q_star), kls, strict=True)]  # fmt: skip
         terms = torch.stack([ll[0], ll[1], ll[1] - ll[0]])  # (3, size, B)
         total += terms.sum(1)
@@ -154,13 +166,18 @@ def _log_weight(
     prior: priors.Prior,
     x: Tensor,
     q: DiagonalGaussian,
-    z: Tensor,
+    eps: Tensor,
     with_prior: bool,
 ) -> Tensor:
-    """log p(x|z) for draws z (n, B, d) of q, plus log p(z) - log q(z|x) when ``with_prior``
-    (a prior without a closed-form KL), (n, B)."""
+    """log p(x|z) for the draws z (n, B, d) of q at base noise eps, plus log p(z) - log q(z|x)
+    when ``with_prior`` (a prior without a closed-form KL, or a flow), (n, B)."""
+    if isinstance(q, DiagonalGaussian):
+        z = q.mu + q.std * eps
+        log_q = q.log_prob(z) if with_prior else None
+    else:
+        z, log_q = q.transform(eps)
     log_lik = -model.likelihood.nll(x, model.decode_logits(z))
-    return log_lik + prior.log_prob(z) - q.log_prob(z) if with_prior else log_lik
+    return log_lik + prior.log_prob(z) - log_q if with_prior else log_lik
 
 
 @metrics.metric("gap")

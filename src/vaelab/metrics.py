@@ -155,14 +155,16 @@ def importance(b: Batch) -> dict[str, Tensor]:
 @metric("ais")
 def annealed(b: Batch) -> dict[str, Tensor]:
     """log p(x) by annealed importance sampling with HMC transitions (``vaelab.ais``), from the
-    encoder's q(z|x) (from the prior without an encoder): ais_chains chains of ais_steps steps
-    per image, all in one tensor. Only when asked for (ais_steps > 0)."""
+    encoder's q(z|x) (from the prior without an encoder, or when q is not a diagonal Gaussian:
+    ``ais.start``): ais_chains chains of ais_steps steps per image, all in one tensor. Only when
+    asked for (ais_steps > 0)."""
     opt = b.options
     if opt.ais_steps < 1:
         return {}
     n, chains = b.x.shape[0], opt.ais_chains
     on_step = None if b.on_samples is None else lambda _: b.on_samples(n * chains)  # type: ignore[misc]
-    result = ais.model_ais(b.fast, b.x, chains, opt.ais_steps, on_step=on_step, q=b.out.posterior)
+    q = b.out.posterior if ais.start(b.fast) == "q" else None
+    result = ais.model_ais(b.fast, b.x, chains, opt.ais_steps, on_step=on_step, q=q)
     return {
         "ais_log_px": result.log_px(),
         "ais_accept_rate": b.x.new_full((n,), result.accept_rate),
@@ -172,13 +174,15 @@ def annealed(b: Batch) -> dict[str, Tensor]:
 
 @metric("posterior")
 def posterior(b: Batch) -> dict[str, Tensor]:
-    """KL per latent dimension (where the prior has it in closed form: not for a VampPrior,
-    whose KL is one Monte Carlo estimate), and the posterior means' first two moments (active
-    units)."""
+    """KL per latent dimension (where the prior has it in closed form and q is a diagonal
+    Gaussian: not for a VampPrior, whose KL is one Monte Carlo estimate, nor for iaf_vae's flow),
+    and the posterior means' first two moments (active units; for a flow, its base Gaussian's
+    means ``q.mu``)."""
     q = b.out.posterior
     if q is None:
         return {}
-    kl_dims = b.model.prior.analytic_kl_per_dim(q)
+    diagonal = isinstance(q, DiagonalGaussian)
+    kl_dims = b.model.prior.analytic_kl_per_dim(q) if diagonal else None
     per_dim = {} if kl_dims is None else {"kl_per_dim": kl_dims}
     return {**per_dim, "mu": q.mu, "mu_squared": q.mu.square()}
 

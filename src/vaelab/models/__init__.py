@@ -119,6 +119,7 @@ from vaelab.models import (  # noqa: E402, F401
     decoder_only,
     dip_vae,
     factor_vae,
+    iaf_vae,
     iwae,
     sigma_vae,
     vae,
