@@ -33,6 +33,18 @@ def test_frechet_distance_matches_the_matrix_square_root_formula():
     assert quality.frechet_distance(a, a) == pytest.approx(0, abs=1e-8)
 
 
+def test_frechet_distance_with_fewer_images_than_features_takes_the_same_value():
+    # n, m < f (Inception's 2048 features, a few hundred images): the n x m route.
+    rng = np.random.default_rng(5)
+    a = rng.normal(size=(30, 50)) @ rng.normal(size=(50, 50)) * 0.3
+    b = rng.normal(size=(40, 50)) + 0.2
+    s_a, s_b = np.cov(a.T), np.cov(b.T)
+    root = scipy.linalg.sqrtm(s_a @ s_b).real
+    expected = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(s_a + s_b - 2 * root)
+    assert quality.frechet_distance(a, b) == pytest.approx(expected, rel=1e-6)
+    assert quality.frechet_distance(a, a) == pytest.approx(0, abs=1e-8)
+
+
 def test_frechet_distance_of_two_known_gaussians():
     # N(0, I) and N(m, 4 I) in f dims: |m|^2 + f (1 + 4 - 2 * 2) = |m|^2 + f.
     rng = np.random.default_rng(1)

@@ -172,13 +172,16 @@ def cmd_gap(args: argparse.Namespace) -> int:
 
 
 def cmd_quality(args: argparse.Namespace) -> int:
+    from vaelab import inception
     from vaelab.quality import quality_table, sample_quality
     from vaelab.report.draw import run_split
 
+    if args.inception_weights is not None:
+        inception.load(args.inception_weights)  # a bad file: one line before any work
     for run in args.runs:
         result = sample_quality(
             run, run_split(run, "train"), run_split(run, args.split), args.split, args.images,
-            args.components, progress=not args.quiet,
+            args.components, progress=not args.quiet, inception_weights=args.inception_weights,
         )  # fmt: skip
         if args.json:
             print(json.dumps(result, indent=2))
@@ -196,7 +199,7 @@ def cmd_draw(args: argparse.Namespace) -> int:
     if args.command == "sample":
         out = draw.draw_samples(
             args.run, args.out, args.n, args.temperature, args.seed,
-            sampler=args.sampler, components=args.components, **keep,
+            sampler=args.sampler, components=args.components, condition=args.condition, **keep,
         )  # fmt: skip
     elif args.command == "reconstruct":
         out = draw.draw_reconstructions(args.run, args.out, args.n, args.split, **keep)
@@ -298,6 +301,20 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from vaelab.serve import serve
+
+    serve(args.runs, args.host, args.port)
+    return 0
+
+
+def port_number(text: str) -> int:
+    """A TCP port: 0 (any free one) to 65535."""
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port from 0 to 65535, got {text!r}")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="vaelab", description="Train, evaluate and compare variational autoencoders."
@@ -378,6 +395,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="val", choices=["val", "test"], help="held-out images")
     p.add_argument("--images", type=count, help="samples and held-out images (default: the split)")
     p.add_argument("--components", type=count, default=10, help="Gaussians of the gmm sampler")
+    p.add_argument(
+        "--inception-weights", type=Path, metavar="PATH",
+        help="also FID/KID in Inception-v3 features: your copy of pytorch-fid's "
+        "pt_inception-2015-12-05-6726825d.pth (never downloaded)",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=cmd_quality)
@@ -397,10 +419,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--sampler", default="prior", choices=["prior", "gmm"],
-        help="prior: z ~ N(0, I); gmm: a Gaussian mixture fitted to the training codes "
-        "(Ghosh et al. 2020), saved in RUN/samplers/",
+        help="prior: z ~ the model's prior (vq_vae: codes from the code prior fitted to the "
+        "training codes); gmm: a Gaussian mixture fitted to the training codes (Ghosh et al. "
+        "2020); fitted ones are saved in RUN/samplers/",
     )  # fmt: skip
     p.add_argument("--components", type=count, default=10, help="Gaussians of --sampler gmm")
+    p.add_argument(
+        "--condition", action="append", default=[], metavar="NAME=VALUE",
+        help="a cvae run: hold a label (label=7, Smiling=1, shape=2; repeatable), the others "
+        "drawn from the training images that have it",
+    )  # fmt: skip
     p = picture("reconstruct", "real images above their reconstructions")
     p.add_argument("-n", type=count, default=32)
     p.add_argument("--split", default="val", choices=["train", "val", "test"])
@@ -447,6 +475,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--list", action="store_true", help="name each shipped config with its description"
     )
     p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser(
+        "serve", help="explore runs' latent spaces live in a browser (docs/serve.md)"
+    )
+    p.add_argument("runs", nargs="+", metavar="RUN")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: this machine only)"
+    )
+    p.add_argument("--port", type=port_number, default=8000, help="0: any free port")
+    p.set_defaults(func=cmd_serve)
     for name, p in sub.choices.items():  # every command that reads a config or a run
         if name not in ("env", "demo"):
             plugin_option(p)

@@ -18,6 +18,9 @@ eval/val.json agree on every key they share. All values are per image unless sai
 - with ``--bdmc N``: ``bdmc_lower_nats`` and ``bdmc_upper_nats``, the mean bounds of log p(x)
   from forward and reverse AIS on N images simulated from the model, and ``bdmc_gap_nats``
   between them, which bounds the error of AIS with those settings (Grosse et al. 2015);
+- for a model with a discrete latent (vq_vae, ``continuous_latent`` False) neither importance
+  sampling nor AIS runs: ``likelihood_skipped`` says why, and ``vaelab gap`` and ``--bdmc``
+  refuse the run;
 - ``kl_per_dim`` (for a prior with a closed-form KL per dimension, the standard normal) and
   ``active_units`` (Burda et al. 2016: Cov_x(E_q[z_j]) > 0.01);
 - ``mse_per_pixel`` and ``psnr`` (dB, data range 1) of the reconstruction at the posterior mean;
@@ -43,11 +46,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from vaelab import ais, data, gap, metrics, rundir, speed
+from vaelab import ais, conditions, data, gap, metrics, rundir, speed
 from vaelab import progress as progress_bars
 from vaelab.checkpoint import atomic_write, load, run_config, weights_metadata
 from vaelab.config import ConfigError, RunConfig
 from vaelab.data import ImageDataset
+from vaelab.models import MODELS
 from vaelab.models.base import GenerativeModel, StepContext
 from vaelab.rng import seeded
 
@@ -78,10 +82,11 @@ def diversity_ratio(
 
     Near 0: the samples are all the same image (the decoder-only collapse to the average).
     Near 1: the samples are as varied as the data.
+    A conditional model samples under conditions drawn from ``dataset``.
     """
     n = min(n, len(dataset))
     device = next(model.parameters()).device
-    with seeded(seed):
+    with seeded(seed), conditions.drawn(model, dataset, n, seed=seed):
         samples = model.sample(n).cpu()
         real = dataset.batch(torch.randperm(len(dataset))[:n].numpy(), device).cpu()
     return mean_pairwise_distance(samples) / mean_pairwise_distance(real)
@@ -103,6 +108,29 @@ def check_count(value: Any, flag: str, minimum: int = 1) -> int:
 def check_iw_samples(k: Any) -> int:
     """K for the importance sampler: an integer >= 1 (a ConfigError naming --iw-samples)."""
     return check_count(k, "--iw-samples")
+
+
+def likelihood_skipped(model: GenerativeModel) -> str | None:
+    """Why importance sampling and AIS are not run on ``model`` (recorded in the results as
+    ``likelihood_skipped``), or None when they are: a discrete latent has no density in z to
+    weigh or to follow (``GenerativeModel.continuous_latent``)."""
+    if model.continuous_latent:
+        return None
+    return (
+        f"model '{model.cfg.name}' has a discrete latent: importance sampling and AIS need a "
+        "density in z; its elbo_nats is a lower bound on log p(x) under its uniform code prior"
+    )
+
+
+def refuse_discrete(run_dir: Path, what: str) -> None:
+    """A ConfigError naming the run when its model's latent is discrete and ``what`` (an
+    estimator of log p(x) that needs a density in z) cannot run on it."""
+    name = run_config(run_dir).model.name
+    if name in MODELS and not MODELS[name].continuous_latent:
+        raise ConfigError(
+            f"'{run_dir}': {what} needs a continuous latent with a density, and model "
+            f"'{name}' has a discrete one; vaelab evaluate reports its ELBO"
+        )
 
 
 def evaluate_model(
@@ -132,8 +160,8 @@ def evaluate_model(
     check_count(ais_chains, "--ais-chains")
     start = time.perf_counter()
     n = len(dataset)
-    work = n * (iw_samples + ais_chains * ais_steps)
-    if progress and not progress_bars.interactive():
+    work = n * (iw_samples + ais_chains * ais_steps) if model.continuous_latent else 0
+    if progress and not progress_bars.interactive() and model.continuous_latent:
         extra = f" and AIS with {ais_chains} chains of {ais_steps} steps" if ais_steps else ""
         log.info(f"evaluating {n} images with K = {iw_samples} importance samples each{extra}")
     bar = progress_bars.bar(work, "evaluating", progress, unit="sample", unit_scale=True,
@@ -146,10 +174,14 @@ def evaluate_model(
         )  # fmt: skip
     finally:
         bar.close()
-    result["iw_samples"] = iw_samples
-    if ais_steps:
-        result.update(ais_steps=ais_steps, ais_chains=ais_chains, ais_leapfrog=ais.LEAPFROG,
-                      ais_start=ais_start(model))  # fmt: skip
+    skipped = likelihood_skipped(model)
+    if skipped is not None:  # neither IS nor AIS ran: say why, instead of their settings
+        result["likelihood_skipped"] = skipped
+    else:
+        result["iw_samples"] = iw_samples
+        if ais_steps:
+            result.update(ais_steps=ais_steps, ais_chains=ais_chains, ais_leapfrog=ais.LEAPFROG,
+                          ais_start=ais_start(model))  # fmt: skip
     result["diversity_ratio"] = diversity_ratio(model, dataset, seed=metrics.SEED)
     result["num_images"] = n
     result["seconds"] = round(time.perf_counter() - start, 3)
@@ -157,13 +189,19 @@ def evaluate_model(
 
 
 def simulated_bdmc(
-    model: GenerativeModel, n: int, steps: int, chains: int, seed: int = metrics.SEED
+    model: GenerativeModel,
+    n: int,
+    steps: int,
+    chains: int,
+    seed: int = metrics.SEED,
+    dataset: ImageDataset | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Bidirectional Monte Carlo on ``n`` images simulated from the model (z ~ p(z), x ~
     p(x|z)): forward AIS chains from the start ``vaelab evaluate``'s AIS uses (the encoder's
     q(z|x), or the prior) and reverse ones from the z that made each x, an exact posterior
     sample, back to it. Returns x and the lower and upper bounds of log p(x) per image
-    (``AISResult.bound``), in batches of metrics.BATCH_SIZE images."""
+    (``AISResult.bound``), in batches of metrics.BATCH_SIZE images. A conditional model
+    simulates each image under a condition drawn from ``dataset``."""
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     was_training = model.training
     model.eval()
@@ -172,12 +210,13 @@ def simulated_bdmc(
         with seeded(seed):
             for start in range(0, n, metrics.BATCH_SIZE):
                 b = min(metrics.BATCH_SIZE, n - start)
-                with torch.no_grad():
-                    z = model.prior.sample(b, device=device, dtype=dtype)  # z ~ p(z)
-                    x = model.likelihood.sample(model.decode_logits(z.unsqueeze(0)))[0]
-                    q = model.encode(x) if ais.start(model) == "q" else None
-                lower.append(ais.model_ais(model, x, chains, steps, q=q).bound())
-                upper.append(ais.model_ais(model, x, chains, steps, z0=z, q=q).bound())
+                with conditions.drawn(model, dataset, b, seed=seed + start):
+                    with torch.no_grad():
+                        z = model.prior.sample(b, device=device, dtype=dtype)  # z ~ p(z)
+                        x = model.likelihood.sample(model.decode_logits(z.unsqueeze(0)))[0]
+                        q = model.encode(x) if ais.start(model) == "q" else None
+                    lower.append(ais.model_ais(model, x, chains, steps, q=q).bound())
+                    upper.append(ais.model_ais(model, x, chains, steps, z0=z, q=q).bound())
                 xs.append(x)
     finally:
         model.train(was_training)
@@ -314,6 +353,8 @@ def evaluate(
     check_count(ais_steps, "--ais-steps", minimum=0)
     check_count(ais_chains, "--ais-chains")
     check_count(bdmc, "--bdmc", minimum=0)
+    if bdmc:
+        refuse_discrete(run_dir, "--bdmc (AIS on simulated images)")
     out = run_dir / rundir.EVAL / f"{split}.json"
     run = open_run(run_dir, split, out, images, splits, progress)
     model, dataset = run.model, run.dataset
@@ -324,7 +365,7 @@ def evaluate(
     if bdmc:
         start = time.perf_counter()
         steps = ais_steps or BDMC_STEPS
-        _, lower, upper = simulated_bdmc(run.sampler, bdmc, steps, ais_chains)
+        _, lower, upper = simulated_bdmc(run.sampler, bdmc, steps, ais_chains, dataset=dataset)
         result.update(
             bdmc_images=bdmc,
             bdmc_steps=steps,
@@ -335,7 +376,12 @@ def evaluate(
             bdmc_gap_nats=(upper - lower).double().mean().item(),
             bdmc_seconds=round(time.perf_counter() - start, 3),
         )
-    if model.has_encoder and dataset.factors is not None and run.cfg.data.name in data.GENERATORS:
+    if (  # a conditional model's code is not asked to carry its condition: not measured
+        model.has_encoder
+        and not model.conditions
+        and dataset.factors is not None
+        and run.cfg.data.name in data.GENERATORS
+    ):
         start = time.perf_counter()
         result.update(disentanglement_metrics(model, dataset, run.cfg.data.name))
         result["disentanglement_seconds"] = round(time.perf_counter() - start, 3)
@@ -366,6 +412,7 @@ def gap_decomposition(
     check_count(ais_steps, "--ais-steps")
     check_count(ais_chains, "--ais-chains")
     check_count(q_star_steps, "--q-star-steps")
+    refuse_discrete(run_dir, "vaelab gap (AIS, importance sampling and q*)")
     out = run_dir / rundir.EVAL / f"gap_{split}.json"
     run = open_run(run_dir, split, out, images, splits, progress)
     options = metrics.Options(
@@ -433,10 +480,10 @@ def posterior_means(
         raise ConfigError(f"model '{model.cfg.name}' has no encoder: there is nothing to encode")
     model.eval()
     device = next(model.parameters()).device
-    out = [
-        model.encode(dataset.batch(slice(i, i + batch_size), device)).mode().cpu()
-        for i in range(0, len(dataset), batch_size)
-    ]
+    out = []
+    for i in range(0, len(dataset), batch_size):
+        with conditions.given(model, dataset, slice(i, i + batch_size)):
+            out.append(model.encode(dataset.batch(slice(i, i + batch_size), device)).mode().cpu())
     return torch.cat(out).numpy().astype(np.float32)
 
 

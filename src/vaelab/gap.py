@@ -186,7 +186,7 @@ def decomposition(b: Batch) -> dict[str, Tensor]:
     steps (``optimise_posterior``), both ELBOs from the same elbo_samples draws
     (``compare_elbos``). Only when asked for (q_star_steps > 0), for a model with an encoder."""
     opt, q = b.options, b.out.posterior
-    if opt.q_star_steps < 1 or q is None:
+    if opt.q_star_steps < 1 or q is None or not b.model.continuous_latent:
         return {}
     q_star = optimise_posterior(b.fast, b.x, q, opt.q_star_steps, opt.q_star_samples, opt.q_star_lr)
     if b.on_samples is not None:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from vaelab import ais, distributed
+from vaelab import ais, conditions, distributed
 from vaelab.data import ImageDataset
 from vaelab.distributed import World
 from vaelab.models.base import (
@@ -147,6 +147,8 @@ def importance_estimate(
 def importance(b: Batch) -> dict[str, Tensor]:
     """log p(x) by importance sampling with K = iw_samples draws from q(z|x) (from the prior
     without an encoder; Burda et al. 2016)."""
+    if not b.model.continuous_latent:  # no density in z to weigh (evaluate says why)
+        return {}
     opt = b.options
     log_px, var = importance_estimate(b.fast, b.x, opt.iw_samples, b.on_samples, b.out.posterior)
     return {"log_px": log_px, "_log_px_var": var}
@@ -159,7 +161,7 @@ def annealed(b: Batch) -> dict[str, Tensor]:
     ``ais.start``): ais_chains chains of ais_steps steps per image, all in one tensor. Only when
     asked for (ais_steps > 0)."""
     opt = b.options
-    if opt.ais_steps < 1:
+    if opt.ais_steps < 1 or not b.model.continuous_latent:
         return {}
     n, chains = b.x.shape[0], opt.ais_chains
     on_step = None if b.on_samples is None else lambda _: b.on_samples(n * chains)  # type: ignore[misc]
@@ -314,7 +316,10 @@ def evaluation_pass(
                 rows = np.arange(i + world.rank, i + n, world.size) if world.distributed else None
                 x = dataset.batch(slice(i, i + n) if rows is None else rows, param.device)
                 x = x.to(param.dtype)
-                with noise_shard(world.rank, world.size, n):
+                given = conditions.given(
+                    model, dataset, slice(i, i + n) if rows is None else rows, sampler
+                )
+                with noise_shard(world.rank, world.size, n), given:
                     out = model(x, ctx)
                     batch = Batch(x, out, model, options, on_samples, sampler)
                     values: dict[str, Tensor] = {}

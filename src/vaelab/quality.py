@@ -16,7 +16,10 @@ the labels of the run's own training images (digits and Fashion-MNIST classes, C
 attributes, the shapes factors), once, and caches in the data cache keyed by a digest of those
 images and labels; every run trained on the same images is measured in the same space. The
 numbers are named ``fid_classifier`` / ``kid_classifier``: they rank models on one data set,
-and are not comparable with published Inception FIDs.
+and are not comparable with published Inception FIDs. Given the user's own copy of
+pytorch-fid's port of those weights (``inception_weights``, ``vaelab.inception``), the same
+images are also measured in Inception-v3's 2048 pool features: ``fid_inception`` /
+``kid_inception``, with the weights file's sha256 in the result.
 
 ``sample_quality`` writes ``RUN/eval/quality_<split>.json``: per sampler (the prior, and the
 run's post-hoc Gaussian mixture, ``vaelab.samplers``) the two distances, and the floor: the
@@ -36,7 +39,7 @@ import torch
 from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
-from vaelab import rundir, samplers
+from vaelab import inception, rundir, samplers
 from vaelab.checkpoint import CheckpointError, _read_safetensors, load, weights_metadata
 from vaelab.config import ConfigError
 from vaelab.data import DataError, ImageDataset
@@ -58,13 +61,22 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
 
     tr (S_a S_b)^(1/2) is computed as tr (S_a^(1/2) S_b S_a^(1/2))^(1/2): that matrix is
     symmetric positive semi-definite, so its square root's trace is the sum of the square roots
-    of its eigenvalues (no non-symmetric matrix square root, no imaginary parts to drop)."""
+    of its eigenvalues (no non-symmetric matrix square root, no imaginary parts to drop).
+    With fewer images than features (Inception's 2048), the same number without any f x f
+    matrix: with the centred, scaled rows C_a (S_a = C_a^T C_a) and C_b, S_a S_b has the nonzero
+    eigenvalues of (C_a C_b^T)(C_a C_b^T)^T, so the trace is the sum of the singular values of
+    the n x m matrix C_a C_b^T."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or min(len(a), len(b)) < 2:
         raise ValueError(
             f"features: expected (n, f) and (m, f), n, m >= 2; got {a.shape}, {b.shape}"
         )
     mu_a, mu_b = a.mean(0), b.mean(0)
+    if min(len(a), len(b)) < a.shape[1]:
+        c_a, c_b = (a - mu_a) / np.sqrt(len(a) - 1), (b - mu_b) / np.sqrt(len(b) - 1)
+        traces = (c_a**2).sum() + (c_b**2).sum()
+        trace_root = np.linalg.svd(c_a @ c_b.T, compute_uv=False).sum()
+        return float(((mu_a - mu_b) ** 2).sum() + traces - 2 * trace_root)
     s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
     vals, vecs = np.linalg.eigh(s_a)
     root_a = (vecs * np.sqrt(np.clip(vals, 0, None))) @ vecs.T
@@ -242,10 +254,14 @@ def sample_quality(
     components: int = samplers.COMPONENTS,
     cache: Path | None = None,
     progress: bool = False,
+    inception_weights: str | Path | None = None,
 ) -> dict[str, Any]:
     """FID and KID in the classifier's feature space between ``images`` samples (default: as
     many as ``held_out`` has) and as many held-out images, for the prior and (models with an
-    encoder) the run's Gaussian-mixture sampler; written to ``RUN/eval/quality_<split>.json``."""
+    encoder) the run's Gaussian-mixture sampler; written to ``RUN/eval/quality_<split>.json``.
+    With ``inception_weights`` (the user's copy of pytorch-fid's Inception-v3 weights,
+    ``vaelab.inception``) also ``fid_inception`` and ``kid_inception`` of the same images."""
+    inception_net = None if inception_weights is None else inception.load(inception_weights)
     model = load(run)
     n = len(held_out) if images is None else images
     if isinstance(n, bool) or not isinstance(n, int) or n < 2:
@@ -257,10 +273,20 @@ def sample_quality(
         )
     start = time.perf_counter()
     net, info = classifier(train, held_out, cache, progress)
+
+    def measure(x: Tensor, what: str) -> dict[str, np.ndarray]:
+        """The features of images ``x`` in each feature space."""
+        spaces = {"classifier": features(net, x)}
+        if inception_net is not None:
+            if progress:
+                print(f"  Inception features of {len(x)} {what}", flush=True)
+            spaces["inception"] = inception.features(inception_net, x)
+        return spaces
+
     spread = np.linspace(0, len(held_out) - 1, n).round().astype(np.int64)
-    real = features(net, held_out.batch(spread))
+    real = measure(held_out.batch(spread), f"{split} images")
     pick = np.random.default_rng(SEED).choice(len(train), n, replace=False)
-    floor = features(net, train.batch(np.sort(pick)))
+    floor = measure(train.batch(np.sort(pick)), "training images")
     result: dict[str, Any] = {
         "feature_space": f"classifier {info.get('digest', '')[:12]} ({FEATURES} features)",
         "classifier_heads": info["heads"],
@@ -270,14 +296,25 @@ def sample_quality(
         "train_vs_held_out": _distances(floor, real),
         "samplers": {},
     }
-    kinds = ["prior", "gmm"] if model.has_encoder else ["prior"]
+    if inception_weights is not None:
+        result["inception_weights"] = {
+            "file": str(inception_weights),
+            "sha256": inception.sha256(inception_weights),
+            "features": inception.FEATURES,
+        }
+    # a discrete latent (vq_vae): "prior" is the code prior fitted to its codes, and no gmm
+    kinds = ["prior", "gmm"] if model.has_encoder and model.continuous_latent else ["prior"]
     for kind in kinds:
-        mixture = samplers.gmm(run, model, train, held_out, components) if kind == "gmm" else None
-        fake = features(net, samples(model, n, 1.0, SEED, mixture))
+        mixture = samplers.latent_sampler(run, model, kind, train, held_out, components)
+        # a conditional model's samples: conditions drawn from the held-out images
+        drawn = samples(model, n, 1.0, SEED, mixture, held_out)
+        fake = measure(drawn, f"{kind} samples")
         entry = _distances(fake, real)
-        if mixture is not None:  # and how well it fits the validation codes (samplers.fit)
+        if isinstance(mixture, samplers.LatentMixture):  # how well it fits the val codes
             entry["components"] = mixture.components
             entry.update({k: v for k, v in mixture.info.items() if k.startswith("val_log")})
+        elif mixture is not None:  # a code prior: the val codes' NLL (samplers.fit_code_prior)
+            entry.update({k: v for k, v in mixture.info.items() if k.startswith("val_")})
         result["samplers"][kind] = entry
     result["seconds"] = time.perf_counter() - start
     rundir.atomic_write(
@@ -286,28 +323,50 @@ def sample_quality(
     return result
 
 
-def _distances(fake: np.ndarray, real: np.ndarray) -> dict[str, float]:
-    """FID and KID; KID over subsets of at most half the images, so that they differ and their
-    spread ``kid_std`` says how much the estimate moves with the images drawn."""
-    kid, kid_std = kernel_distance(fake, real, size=min(KID_SUBSET_SIZE, len(real) // 2))
-    return {
-        "fid_classifier": frechet_distance(fake, real),
-        "kid_classifier": kid,
-        "kid_std": kid_std,
-    }
+# The result's names per feature space: FID, KID, KID's spread over the subsets.
+NAMES = {
+    "classifier": ("fid_classifier", "kid_classifier", "kid_std"),
+    "inception": ("fid_inception", "kid_inception", "kid_inception_std"),
+}
+
+
+def _distances(fake: dict[str, np.ndarray], real: dict[str, np.ndarray]) -> dict[str, float]:
+    """FID and KID in each feature space; KID over subsets of at most half the images, so that
+    they differ and its spread says how much the estimate moves with the images drawn."""
+    out: dict[str, float] = {}
+    for space, (fid, kid, std) in NAMES.items():
+        if space in real:
+            a, b = fake[space], real[space]
+            out[fid] = frechet_distance(a, b)
+            out[kid], out[std] = kernel_distance(a, b, size=min(KID_SUBSET_SIZE, len(b) // 2))
+    return out
 
 
 def quality_table(result: dict[str, Any]) -> str:
-    """The numbers of ``sample_quality``, one sampler a line."""
-    lines = [f"{'':<22}{'FID (classifier)':>18}{'KID (classifier)':>24}"]
+    """The numbers of ``sample_quality``, one sampler a line (and the Inception columns when
+    the result has them)."""
     rows = {**result["samplers"], "train images (floor)": result["train_vs_held_out"]}
+    spaces = [s for s in NAMES if NAMES[s][0] in result["train_vs_held_out"]]
+    label = {"classifier": "classifier", "inception": "Inception"}
+    lines = [f"{'':<22}" + "".join(f"{f'FID ({label[s]})':>18}{f'KID ({label[s]})':>24}"
+                                   for s in spaces)]  # fmt: skip
     for name, d in rows.items():
-        kid = f"{d['kid_classifier']:.4f} +- {d['kid_std']:.4f}"
-        lines.append(f"{name:<22}{d['fid_classifier']:>18.3f}{kid:>24}")
+        line = f"{name:<22}"
+        for space in spaces:
+            fid, kid, std = NAMES[space]
+            line += f"{d[fid]:>18.3f}{f'{d[kid]:.4f} +- {d[std]:.4f}':>24}"
+        lines.append(line)
     lines.append(
         f"{result['num_images']} samples against {result['num_images']} {result['split']} "
         f"images, in the feature space of {result['feature_space']}"
     )
+    weights = result.get("inception_weights")
+    if weights:
+        published = weights["sha256"].startswith(inception.PUBLISHED_SHA256_PREFIX)
+        lines.append(
+            f"and of Inception-v3 ({weights['file']}, sha256 {weights['sha256'][:12]}"
+            + (")" if published else f": not {inception.WEIGHTS_NAME}, so not the standard FID)")
+        )
     return "\n".join(lines)
 
 

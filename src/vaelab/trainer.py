@@ -33,7 +33,18 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from vaelab import data, distributed, metrics, models, nets, progress, rng, rundir, speed
+from vaelab import (
+    conditions,
+    data,
+    distributed,
+    metrics,
+    models,
+    nets,
+    progress,
+    rng,
+    rundir,
+    speed,
+)
 from vaelab.checkpoint import (
     CheckpointError,
     atomic_write,
@@ -178,6 +189,11 @@ def setup(cfg: RunConfig, splits: Splits | None = None) -> Session:
             f"config key 'train.batch_size': {tc.batch_size} is more than the "
             f"{len(splits.train)} training images; lower it (torchrun needs full batches)"
         )
+    # What the model reads from the data (cvae: its condition's variables), recorded in the
+    # run's config so the model is built without the data.
+    completed = models.MODELS[cfg.model.name].complete_config(cfg.model, splits.train)
+    if completed != cfg.model:
+        cfg = replace(cfg, model=completed)
     torch.manual_seed(tc.seed)  # the same on every rank: same weights, same noise
     # Refused before anything is allocated: a model larger than the memory it would train in.
     width = 8 if tc.precision == "fp64" else 4
@@ -571,7 +587,8 @@ def _train_epoch(
     seen, window_start = torch.zeros((), device=device, dtype=torch.float64), 0
     for i in range(steps):
         x = source.batch(mine[i], device).to(dtype)
-        with noise_shard(world.rank, world.size, batch_size):
+        given = conditions.given(session.model, train_set, mine[i])
+        with noise_shard(world.rank, world.size, batch_size), given:
             if cfg.data.flip:
                 x = data.random_hflip(x)
             ctx = session.context(counters["step"], epoch)
@@ -750,11 +767,13 @@ class _Board:
                     self.writer.add_scalar(f"{key}/{row['split']}", value, row["step"])
         model.eval()
         with seeded(0):
-            self.writer.add_images("samples", model.sample(16).cpu(), rows[-1]["step"])
+            with conditions.drawn(model, val, 16):
+                self.writer.add_images("samples", model.sample(16).cpu(), rows[-1]["step"])
             if model.has_encoder:
                 param = next(model.parameters())
                 x = val.batch(slice(0, 8), param.device).to(param.dtype)
-                pairs = torch.cat([x, model.reconstruct(x)]).cpu()
+                with conditions.given(model, val, slice(0, 8)):
+                    pairs = torch.cat([x, model.reconstruct(x)]).cpu()
                 self.writer.add_images("val images, then reconstructions", pairs, rows[-1]["step"])
         self.writer.flush()
 

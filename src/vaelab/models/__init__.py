@@ -116,6 +116,7 @@ from vaelab.models import (  # noqa: E402, F401
     beta_tcvae,
     beta_vae,
     beta_vae_capacity,
+    cvae,
     decoder_only,
     dip_vae,
     factor_vae,
@@ -124,6 +125,7 @@ from vaelab.models import (  # noqa: E402, F401
     sigma_vae,
     vae,
     vamp_vae,
+    vq_vae,
 )
 from vaelab.models.vae import VAE  # noqa: E402  (the base class of variants with an encoder)
 

@@ -14,6 +14,10 @@ The contract between a model, the trainer and evaluation (docs/extending.md):
 - ``param_groups(train)`` says how Adam trains the parameters: by default one group at
   train.lr; a model with a part trained at its own pace (factor_vae's discriminator) returns a
   group per part, each with its own learning rate and betas.
+- A conditional model (``conditions`` non-empty: cvae) reads its condition y, integer indices
+  (B, V) of the variables named in ``conditions`` (``vaelab.conditions``), from
+  ``with model.given(y):``, which every loop over a dataset wraps around each batch; for any
+  other model ``given`` does nothing. Its numbers are then conditional: log p(x | y).
 - The decoder likelihood is an object (``vaelab.models.likelihoods``), and so are the prior
   (``vaelab.models.priors``: ``model.prior``, N(0, I) unless ``build_prior`` says otherwise)
   and the posterior (``DiagonalGaussian``); the KL, sampling, importance sampling, AIS and the
@@ -22,9 +26,11 @@ The contract between a model, the trainer and evaluation (docs/extending.md):
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -34,6 +40,9 @@ from vaelab.config import ConfigError, ModelConfig, RunConfig, TrainConfig
 from vaelab.models import likelihoods, priors
 from vaelab.nets import build_decoder
 from vaelab.rng import batch_randn
+
+if TYPE_CHECKING:
+    from vaelab.data import ImageDataset
 
 # Names a term may not take: the keys of a metrics row and of eval/<split>.json that are not
 # terms (the metrics' own outputs are refused when they meet a term: metrics.evaluation_pass).
@@ -142,14 +151,37 @@ class GenerativeModel(nn.Module):
     """
 
     has_encoder: bool = False
+    # Whether z is continuous, with a density under the prior and the posterior (log p(z),
+    # log q(z|x), gradients in z): what importance sampling, AIS, BDMC and the gap's q* need.
+    # False for a discrete latent (vq_vae's code indices): ``vaelab evaluate`` reports its ELBO
+    # and terms and records why those estimators are skipped (``likelihood_skipped``), ``vaelab
+    # gap`` and ``--bdmc`` refuse the run, and samples come from a prior over the codes fitted
+    # after training (``vaelab.samplers.code_prior``, which reads the model's
+    # ``code_indices(x)`` and ``decode_codes(indices)``).
+    continuous_latent: bool = True
+    # The variables a conditional model is given with each image, (name, number of values)
+    # each, and the kind of labels they are (``vaelab.conditions``); () for other models.
+    conditions: tuple[tuple[str, int], ...] = ()
+    condition_on: str = ""
 
     def __init__(self, cfg: ModelConfig, shape: tuple[int, int, int]) -> None:
         super().__init__()
         self.cfg = cfg
         self.shape = tuple(shape)
-        self.decoder = build_decoder(cfg, self.shape)
+        self.decoder = self.make_decoder()
         self.likelihood = self.build_likelihood()
         self.prior = self.build_prior()
+
+    def make_decoder(self) -> nn.Module:
+        """The decoder network (model.net); a variant whose decoder takes more than z (cvae's
+        condition) builds it for its own input size."""
+        return build_decoder(self.cfg, self.shape)
+
+    @contextlib.contextmanager
+    def given(self, y: Tensor) -> Iterator[None]:
+        """Condition the forward pass, encoding, decoding and sampling inside the block on y
+        (B, V) (``vaelab.conditions``); a model without ``conditions`` ignores it."""
+        yield
 
     def build_likelihood(self) -> likelihoods.Likelihood:
         """The decoder likelihood (model.likelihood, model.sigma2); a variant may return its own."""
@@ -160,6 +192,13 @@ class GenerativeModel(nn.Module):
         Called after the decoder and the likelihood are built, before a subclass's own
         ``__init__`` goes on (the encoder of ``VAE`` does not exist yet)."""
         return priors.StandardNormal(self.cfg.latent_dim)
+
+    @classmethod
+    def complete_config(cls, cfg: ModelConfig, train: ImageDataset) -> ModelConfig:
+        """The model config with what it reads from the training data filled in (cvae: its
+        condition's variables), before the model is built; checked against the data when
+        already filled (a resumed run). Base: ``cfg`` unchanged."""
+        return cfg
 
     @classmethod
     def check_run(cls, cfg: RunConfig, world_size: int) -> None:

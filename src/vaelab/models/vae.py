@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from vaelab import losses
 from vaelab.config import ConfigError, ModelConfig, RunConfig
@@ -34,7 +34,11 @@ class VAE(GenerativeModel):
 
     def __init__(self, cfg: ModelConfig, shape: tuple[int, int, int]) -> None:
         super().__init__(cfg, shape)
-        self.encoder = build_encoder(cfg, self.shape, 2 * cfg.latent_dim)
+        self.encoder = self.make_encoder()
+
+    def make_encoder(self) -> nn.Module:
+        """The encoder network (model.net) to the mean and log-variance of q(z|x), (B, 2d)."""
+        return build_encoder(self.cfg, self.shape, 2 * self.cfg.latent_dim)
 
     @classmethod
     def check_run(cls, cfg: RunConfig, world_size: int) -> None:

@@ -8,10 +8,11 @@ loads the model and the data.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from vaelab import data, rundir, samplers
+from vaelab import conditions, data, rundir, samplers
 from vaelab.checkpoint import load, run_config
 from vaelab.config import ConfigError
 from vaelab.models.base import GenerativeModel
@@ -79,11 +80,14 @@ def draw_samples(
     *,
     sampler: str = "prior",
     components: int = samplers.COMPONENTS,
+    condition: Sequence[str] = (),
     overwrite: bool = False,
 ) -> Path:
     """A grid of ``n`` samples: z from the prior N(0, T^2 I), or (``sampler`` "gmm") from a
     Gaussian mixture of ``components`` fitted to the training codes, saved with the run
-    (``vaelab.samplers.gmm``)."""
+    (``vaelab.samplers.gmm``). A conditional model (cvae) samples under conditions drawn from
+    the training images that have the values ``condition`` fixes ("NAME=VALUE" each,
+    ``conditions.parse``), all of them when it fixes none."""
     _count("-n", n)
     _count("--components", components)
     _positive("--temperature", temperature)
@@ -96,11 +100,23 @@ def draw_samples(
     out = rundir.check_output(out, overwrite=overwrite)
     model = load(run)
     _check_fits(model, n, 8, "-n", "-n")
+    if condition and not model.conditions:
+        raise ConfigError(
+            f"--condition: model '{model.cfg.name}' is not conditional (a cvae run is)"
+        )
+    fixed = conditions.parse(condition, model.conditions) if model.conditions else None
+    fitted = sampler == "gmm" or not model.continuous_latent  # a sampler fitted to the codes
+    train = run_split(run, "train") if fitted or model.conditions else None
     mixture, what = None, f"z ~ N(0, {temperature:g}^2 I)"
     if sampler == "gmm":
-        mixture = samplers.gmm(run, model, run_split(run, "train"), run_split(run), components)
+        mixture = samplers.gmm(run, model, train, run_split(run), components)
         what = f"z ~ a {components}-Gaussian mixture on the codes, T = {temperature:g}"
-    images = pictures.samples(model, n, temperature, seed, mixture)
+    elif not model.continuous_latent:  # vq_vae: its codes from the prior fitted to them
+        mixture = samplers.latent_sampler(run, model, sampler, train, run_split(run))
+        what = f"codes ~ the autoregressive code prior, T = {temperature:g}"
+    if model.conditions:
+        what += f", given {' '.join(condition)}" if condition else ", labels of training images"
+    images = pictures.samples(model, n, temperature, seed, mixture, train, fixed)
     title = f"{_label(run, model)}: {n} samples, {what}"
     save_grid(images, out, nrow=8, title=title)
     return out

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from vaelab import data, gap, rundir
+from vaelab import data, gap, rundir, samplers
 from vaelab.checkpoint import CheckpointError, atomic_write, load, read_metrics, run_config
 from vaelab.metrics import is_number
 from vaelab.models.base import RESERVED
@@ -179,23 +179,56 @@ def _quality_section(names: list[str], qualities: list[dict[str, Any]]) -> str:
     if not have:
         return ""
     kinds = [("prior", "prior samples"), ("gmm", "GMM sampler samples")]
+    metrics = [("fid_classifier", "FID (classifier)"), ("kid_classifier", "KID (classifier)")]
+    inception = any("fid_inception" in q["train_vs_held_out"] for _, q in have)
+    if inception:  # vaelab quality --inception-weights
+        metrics += [("fid_inception", "FID (Inception)"), ("kid_inception", "KID (Inception)")]
+
+    def cell(d: dict[str, Any], metric: str) -> str:
+        return _fmt(d[metric]) if metric in d else "-"
+
     rows = []
-    for metric, label in (("fid_classifier", "FID"), ("kid_classifier", "KID")):
+    for metric, label in metrics:
         for kind, what in kinds:
-            cells = [_fmt(q["samplers"][kind][metric]) if kind in q["samplers"] else "-"
+            cells = [cell(q["samplers"][kind], metric) if kind in q["samplers"] else "-"
                      for _, q in have]  # fmt: skip
             rows.append([f"{label}, {what}", *cells])
         rows.append([f"{label}, training images (floor)",
-                     *(_fmt(q["train_vs_held_out"][metric]) for _, q in have)])  # fmt: skip
+                     *(cell(q["train_vs_held_out"], metric) for _, q in have)])  # fmt: skip
     rows.append(["images", *(html.escape(str(q.get("num_images"))) for _, q in have)])
+    if inception:
+        shas = [q.get("inception_weights", {}).get("sha256", "-")[:12] for _, q in have]
+        rows.append(["Inception weights (sha256)", *(html.escape(s) for s in shas)])
     space = html.escape(str(have[0][1].get("feature_space", "")))
     table = _table(["sample quality (val, lower is better)", *(n for n, _ in have)], rows)
+    note = (
+        " The Inception rows are in the 2048 pool features of FID's Inception-v3 (the weights "
+        "file's sha256 is shown): the standard FID only with pytorch-fid's "
+        "pt_inception-2015-12-05-6726825d.pth (sha256 6726825d...)."
+        if inception
+        else ""
+    )
     return (
         f"<h2>Sample quality (vaelab quality)</h2>{table}"
         f'<p class="note">Fr&eacute;chet and kernel distances between samples and as many val '
         f"images in the feature space of a small classifier trained on the data's labels "
-        f"({space}): they rank models on this data set and are not Inception FIDs.</p>"
+        f"({space}): they rank models on this data set and are not Inception FIDs.{note}</p>"
     )
+
+
+def _samples(run: Path, model: Any, val: Any, label: str) -> tuple[Any, int, str]:
+    """64 samples, 8 a row, and their caption: from the prior; for a discrete latent
+    (vq_vae) through its fitted code prior when one was saved for these weights (the report
+    never fits one), else the uniform prior over codes; a conditional model's under labels
+    drawn from ``val``."""
+    sampler = samplers.saved_code_sampler(run, model)
+    if sampler is not None:
+        what = "samples through the fitted code prior"
+    elif not model.continuous_latent:
+        what = "samples, codes uniform (no fitted code prior saved: `vaelab sample` fits one)"
+    else:
+        what = "prior samples" + (", labels of val images" if model.conditions else "")
+    return pictures.samples(model, 64, 1.0, 0, sampler, val), 8, f"{label}: 64 {what}"
 
 
 def write_report(
@@ -233,9 +266,7 @@ def write_report(
         curves.append(_img(curves_png(read_metrics(run), title=label), f"{name} curves"))
         grid, caption = pictures.reconstructions(model, val)
         recons.append(_img(grid_png(grid, 8, f"{label}: {caption}", group=2), f"{name} recon"))
-        samples.append(
-            _img(grid_png(pictures.samples(model), 8, f"{label}: 64 prior samples"), name)
-        )
+        samples.append(_img(grid_png(*_samples(run, model, val, label)), name))
         interps.append(
             _img(grid_png(pictures.interpolations(model, val), 10, f"{label}"), f"{name} interp")
         )
@@ -248,6 +279,9 @@ def write_report(
     if any(evals):
         keys = EVAL_KEYS + _other_terms(evals)
         rows = [[label, *(_fmt(e.get(key)) for e in evals)] for key, label in keys]
+        if any("likelihood_skipped" in e for e in evals):  # a discrete latent (vq_vae)
+            why = [_fmt(e.get("likelihood_skipped")) for e in evals]
+            rows.append(["importance sampling and AIS not run, because", *why])
         eval_html = _table(["metric (val, per image)", *names], rows)
     else:
         eval_html = '<p class="note">No run has been evaluated (vaelab evaluate RUN).</p>'

@@ -2,7 +2,8 @@
 
 Each function returns images (N, C, H, W) in [0, 1], laid out for ``image_grid`` with ``nrow``
 columns; the CLI and the HTML report turn them into PNGs. Randomness is seeded and does not
-disturb the caller's generators.
+disturb the caller's generators. A conditional model (cvae) draws each real image with its own
+condition, and its samples with conditions drawn from a dataset (``vaelab.conditions``).
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from vaelab import conditions
 from vaelab.data import ImageDataset
 from vaelab.models.base import GenerativeModel
 from vaelab.rng import seeded
-from vaelab.samplers import LatentMixture
+from vaelab.samplers import CodeSampler, LatentMixture
 
 
 def _device(model: GenerativeModel) -> torch.device:
@@ -32,16 +34,21 @@ def samples(
     n: int = 64,
     temperature: float = 1.0,
     seed: int = 0,
-    mixture: LatentMixture | None = None,
+    mixture: LatentMixture | CodeSampler | None = None,
+    data: ImageDataset | None = None,
+    fixed: dict[int, int] | None = None,
 ) -> Tensor:
     """n decoder means for z ~ N(0, temperature^2 I), or for z from a post-hoc ``mixture``
-    (``vaelab.samplers``: its components' spread scaled by the temperature)."""
-    if mixture is not None:
-        param = next(model.parameters())
-        z = mixture.sample(n, temperature, seed).to(param.device, param.dtype)
-        return model.eval().decode(z).cpu()
-    with seeded(seed):
-        return model.eval().sample(n, temperature).cpu()
+    (``vaelab.samplers``: its components' spread scaled by the temperature). A conditional
+    model samples under conditions drawn from ``data`` with the variables ``fixed`` held
+    (``conditions.draw``)."""
+    with conditions.drawn(model, data, n, fixed, seed):
+        if mixture is not None:
+            param = next(model.parameters())
+            z = mixture.sample(n, temperature, seed).to(param.device, param.dtype)
+            return model.eval().decode(z).cpu()
+        with seeded(seed):
+            return model.eval().sample(n, temperature).cpu()
 
 
 @torch.no_grad()
@@ -53,8 +60,9 @@ def reconstructions(
     A model without an encoder cannot reconstruct: its row shows f(z) for z ~ p(z) instead.
     """
     model.eval()
-    x = dataset.batch(spread(dataset, n), _device(model))
-    with seeded(seed):
+    index = spread(dataset, n)
+    x = dataset.batch(index, _device(model))
+    with seeded(seed), conditions.given(model, dataset, index):
         if model.has_encoder:
             out, what = model.reconstruct(x), "reconstructions"
         else:
@@ -66,7 +74,8 @@ def reconstructions(
 def _latents(model: GenerativeModel, dataset: ImageDataset, index: np.ndarray) -> Tensor:
     """Posterior means of the images at ``index``; prior samples for a model without encoder."""
     if model.has_encoder:
-        return model.encode(dataset.batch(index, _device(model))).mode()
+        with conditions.given(model, dataset, index):
+            return model.encode(dataset.batch(index, _device(model))).mode()
     return torch.randn(len(index), model.cfg.latent_dim, device=_device(model))
 
 
@@ -74,7 +83,8 @@ def _latents(model: GenerativeModel, dataset: ImageDataset, index: np.ndarray) -
 def interpolations(
     model: GenerativeModel, dataset: ImageDataset, pairs: int = 6, steps: int = 10, seed: int = 0
 ) -> Tensor:
-    """One row per pair of real images: decoded points on the line between their latents."""
+    """One row per pair of real images: decoded points on the line between their latents
+    (a conditional model's row under its first image's condition)."""
     model.eval()
     with seeded(seed):
         pairs = min(pairs, len(dataset) // 2)  # pairs of distinct images, as many as there are
@@ -82,7 +92,8 @@ def interpolations(
         z = _latents(model, dataset, index).view(-1, 2, model.cfg.latent_dim)  # (P, 2, d)
     t = torch.linspace(0, 1, steps, device=z.device)[None, :, None]  # (1, S, 1)
     path = z[:, :1] * (1 - t) + z[:, 1:] * t  # (P, S, d)
-    return model.decode(path.flatten(0, 1)).cpu()
+    with conditions.given(model, dataset, index[0::2].repeat(steps)):
+        return model.decode(path.flatten(0, 1)).cpu()
 
 
 @torch.no_grad()
@@ -95,7 +106,9 @@ def active_dimensions(
     """
     if not model.has_encoder:
         return list(range(min(k, model.cfg.latent_dim)))
-    q = model.eval().encode(dataset.batch(spread(dataset, n), _device(model)))
+    index = spread(dataset, n)
+    with conditions.given(model, dataset, index):
+        q = model.eval().encode(dataset.batch(index, _device(model)))
     order = q.kl_per_dim().mean(0).argsort(descending=True)
     return order[:k].tolist()
 
@@ -114,10 +127,12 @@ def traversal(
     model.eval()
     with seeded(seed):
         base = _latents(model, dataset, spread(dataset, 1))[0]
+    under = conditions.given(model, dataset, spread(dataset, 1).repeat(len(dims) * steps))
     if not model.has_encoder:
         base = torch.zeros_like(base)
     values = torch.linspace(-limit, limit, steps, device=base.device)
     z = base.repeat(len(dims), steps, 1)  # (D, S, d)
     for row, dim in enumerate(dims):
         z[row, :, dim] = values
-    return model.decode(z.flatten(0, 1)).cpu()
+    with under:  # a conditional model: the image's own condition
+        return model.decode(z.flatten(0, 1)).cpu()

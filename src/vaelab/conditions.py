@@ -1,0 +1,179 @@
+"""Conditions: the labels a conditional model (``cvae``) is given with each image.
+
+A condition is a tuple of named categorical variables that the data already has
+(``model.condition_on``):
+
+- ``label``: the class (digits, Fashion-MNIST), one variable "label" with values 0..K-1;
+- ``attributes``: CelebA's 40 binary attributes, one variable each, 0 (absent: -1 in the
+  attribute file) or 1 (present);
+- ``factors``: the shapes data's generative factors, one variable each, an index 0..size-1.
+
+The variables and their sizes are read from the data when training starts and recorded in the
+run's config as ``model.conditions`` ("name:size" each), so the model is built without the data.
+A model is given its condition as integer indices (B, V), one column per variable, through
+``GenerativeModel.given(y)``; it one-hot encodes them itself. Every loop over a dataset that
+runs a conditional model (the trainer, the evaluation pass, the report's pictures, sampling)
+wraps each batch in ``given(model, dataset, index)``, and sampling draws whole conditions from
+the data (``draw``): the variables a user fixes (``--condition Smiling=1``) are held, the rest
+come from the images that have those values, so samples follow the data's joint distribution.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from vaelab.config import ConfigError
+from vaelab.data import ImageDataset
+from vaelab.models.base import GenerativeModel
+
+KINDS = ("label", "attributes", "factors")
+Variables = tuple[tuple[str, int], ...]
+
+
+def variables(dataset: ImageDataset, kind: str) -> Variables:
+    """The variables of ``kind`` that ``dataset`` has, (name, number of values) each; a
+    ConfigError naming model.condition_on when it has none."""
+    if kind == "label" and dataset._labels is not None:
+        return (("label", int(dataset._labels.max()) + 1),)
+    if kind == "attributes" and dataset._attributes:
+        return tuple((name, 2) for name in dataset._attributes)
+    if kind == "factors" and dataset._factors is not None:
+        return tuple(zip(dataset.factor_names, dataset.factor_sizes, strict=True))
+    has = [k for k in KINDS if _has(dataset, k)]
+    raise ConfigError(
+        f"config key 'model.condition_on': the data has no {kind}; expected one of: "
+        f"{', '.join(has) if has else 'none (these images carry no labels to condition on)'}"
+    )
+
+
+def _has(dataset: ImageDataset, kind: str) -> bool:
+    return {
+        "label": dataset._labels is not None,
+        "attributes": bool(dataset._attributes),
+        "factors": dataset._factors is not None,
+    }[kind]
+
+
+def spec(found: Variables) -> tuple[str, ...]:
+    """The ``model.conditions`` value that records ``found``: "name:size" each."""
+    return tuple(f"{name}:{size}" for name, size in found)
+
+
+def parse_spec(values: Sequence[str]) -> Variables:
+    """``model.conditions`` back to (name, size) pairs; a ConfigError naming the key."""
+    out = []
+    for value in values:
+        name, _, size = str(value).rpartition(":")
+        if not name or not size.isdigit() or int(size) < 2:
+            raise ConfigError(
+                f"config key 'model.conditions': expected 'name:size' entries with size >= 2, "
+                f"got {value!r}"
+            )
+        out.append((name, int(size)))
+    if len({n for n, _ in out}) != len(out):
+        raise ConfigError("config key 'model.conditions': a variable is named twice")
+    return tuple(out)
+
+
+def indices(dataset: ImageDataset, kind: str, index: np.ndarray | slice) -> np.ndarray:
+    """The condition of the images at positions ``index`` of ``dataset``: (B, V) int64."""
+    rows = dataset.rows[index]
+    if kind == "label":
+        return dataset._labels[rows].astype(np.int64)[:, None]
+    if kind == "attributes":
+        return np.stack([dataset._attributes[n][rows] > 0 for n in dataset._attributes], 1).astype(
+            np.int64
+        )
+    return dataset._factors[rows].astype(np.int64)
+
+
+def given(
+    model: GenerativeModel,
+    dataset: ImageDataset,
+    index: np.ndarray | Tensor | slice,
+    *others: GenerativeModel | None,
+) -> contextlib.AbstractContextManager[None]:
+    """Give ``model`` (and ``others``, copies of it such as the sampling form) the condition of
+    the images at positions ``index`` of ``dataset``; nothing for a model without conditions."""
+    if not model.conditions:
+        return contextlib.nullcontext()
+    if isinstance(index, Tensor):
+        index = index.cpu().numpy()
+    y = torch.from_numpy(indices(dataset, model.condition_on, index))
+    return _all(y.to(next(model.parameters()).device), model, *others)
+
+
+def drawn(
+    model: GenerativeModel,
+    dataset: ImageDataset | None,
+    n: int,
+    fixed: dict[int, int] | None = None,
+    seed: int = 0,
+) -> contextlib.AbstractContextManager[None]:
+    """Give ``model`` n conditions drawn from ``dataset`` (``draw``), for sampling n images;
+    nothing for a model without conditions. A ValueError when a conditional model has no data
+    to draw them from."""
+    if not model.conditions:
+        return contextlib.nullcontext()
+    if dataset is None:
+        raise ValueError(f"model '{model.cfg.name}' is conditional: its samples need the data")
+    y = draw(dataset, model.condition_on, n, fixed, seed)
+    return _all(y.to(next(model.parameters()).device), model)
+
+
+@contextlib.contextmanager
+def _all(y: Tensor, *held: GenerativeModel | None) -> Iterator[None]:
+    with contextlib.ExitStack() as stack:
+        for m in held:
+            if m is not None:
+                stack.enter_context(m.given(y))
+        yield
+
+
+def parse(pairs: Sequence[str], known: Variables) -> dict[int, int]:
+    """``--condition name=value`` options to {variable position: value}; a ConfigError naming
+    the option. An attribute's value may be written 1 (present) or 0 / -1 (absent)."""
+    names = [n for n, _ in known]
+    fixed: dict[int, int] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or name not in names:
+            raise ConfigError(
+                f"--condition {pair}: expected NAME=VALUE with NAME one of: {', '.join(names)}"
+            )
+        i = names.index(name)
+        size = known[i][1]
+        try:
+            v = int(value)
+        except ValueError:
+            v = -2
+        if size == 2 and v == -1:
+            v = 0
+        if not 0 <= v < size:
+            raise ConfigError(
+                f"--condition {pair}: expected an integer from 0 to {size - 1} for {name}"
+            )
+        fixed[i] = v
+    return fixed
+
+
+def draw(
+    dataset: ImageDataset, kind: str, n: int, fixed: dict[int, int] | None = None, seed: int = 0
+) -> Tensor:
+    """n conditions (n, V) drawn from the images of ``dataset`` that have the ``fixed`` values
+    (all images when none are fixed): the data's joint distribution of the variables given
+    those values. A ConfigError when no image has them."""
+    table = indices(dataset, kind, slice(None))
+    keep = np.ones(len(table), bool)
+    for i, v in (fixed or {}).items():
+        keep &= table[:, i] == v
+    if not keep.any():
+        raise ConfigError("--condition: no image of the data has these values together")
+    rows = np.flatnonzero(keep)
+    pick = np.random.default_rng(seed).choice(rows, n, replace=len(rows) < n)
+    return torch.from_numpy(table[pick])
