@@ -3,7 +3,7 @@ samples drawn with that value held (``vaelab sample --condition NAME=VALUE``'s p
 by the sample-quality classifier of the run's data (``vaelab.quality.classifier``, trained on
 the training images' labels and cached), and the share classified as the value asked for.
 
-    python benchmarks/conditional.py runs/cvae_digits [--n 200]
+    python benchmarks/conditional.py runs/cvae_digits [--n 200] [--figure docs/cvae.png]
 
 Prints one line per variable (the accuracy per value and overall) and the classifier's accuracy
 on real validation images, the ceiling to read them against.
@@ -12,6 +12,7 @@ on real validation images, the ceiling to read them against.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 
@@ -19,12 +20,16 @@ from vaelab.checkpoint import load
 from vaelab.quality import classifier, targets
 from vaelab.report import pictures
 from vaelab.report.draw import run_split
+from vaelab.report.figures import save_grid
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run")
     parser.add_argument("--n", type=int, default=200, help="samples per value")
+    parser.add_argument(
+        "--figure", help="PNG: one row of 10 samples per value of the first variable"
+    )
     args = parser.parse_args()
     model = load(args.run)
     if not model.conditions:
@@ -46,6 +51,12 @@ def main() -> None:
             right.append((guess == value).float().mean().item())
         shown = " ".join(f"{v}:{a:.2f}" for v, a in enumerate(right))
         print(f"{name}: {sum(right) / size:.3f} of samples classified as asked ({shown})")
+    if args.figure:
+        name, size = model.conditions[0]
+        rows = [pictures.samples(model, 10, 1.0, 0, None, train, {0: v}) for v in range(size)]
+        title = f"{Path(args.run).name}: one row per {name} 0..{size - 1}, z ~ N(0, I)"
+        save_grid(torch.cat(rows), args.figure, nrow=10, title=title)
+        print(f"written {args.figure}")
 
 
 if __name__ == "__main__":

@@ -107,6 +107,11 @@ def test_a_bad_condition_is_refused():
         tiny_config("model.name=cvae", "model.conditions=[label]")
     with pytest.raises(ConfigError, match="model.condition_on"):
         tiny_config("model.name=cvae", "model.condition_on=colour")
+    flipped = tiny_config("model.name=cvae", "model.condition_on=factors", "data.flip=true")
+    with pytest.raises(ConfigError, match="'data.flip': a flipped image no longer has"):
+        CVAE.check_run(flipped, 1)
+    with model.given(torch.tensor([[1, 0], [2, 1]], dtype=torch.int32)):  # any integer type
+        assert model.decode(torch.zeros(2, 2, dtype=torch.float64)).shape == (2, *SHAPE)
 
 
 def test_variables_indices_and_the_spec_come_from_the_data():
@@ -118,6 +123,9 @@ def test_variables_indices_and_the_spec_come_from_the_data():
     assert conditions.parse_spec(conditions.spec((("label", 4),))) == (("label", 4),)
     with pytest.raises(ConfigError, match="model.condition_on': the data has no factors; "):
         conditions.variables(train, "factors")
+    identities = ImageDataset(np.zeros((3, 8, 8, 1), np.uint8), np.array([5, -1, 2000]))
+    with pytest.raises(ConfigError, match="not classes to condition on .* CelebA's are identit"):
+        conditions.variables(identities, "label")  # CelebA's labels: identities, -1 unknown
     bare = ImageDataset(np.zeros((4, 8, 8, 1), np.uint8))
     with pytest.raises(ConfigError, match="carry no labels"):
         conditions.variables(bare, "label")
@@ -158,7 +166,7 @@ def test_training_records_the_variables_and_resuming_on_other_data_is_refused(tm
     assert model.conditions == (("label", 4),)
     assert "conditions:\n  - label:4" in (run / "config.yaml").read_text()
     fewer = Splits(*(ImageDataset(s.images[s.rows], s.labels % 2) for s in (data.train, data.val)))
-    with pytest.raises(ConfigError, match=r"trained on \['label:4'\] but the data has"):
+    with pytest.raises(ConfigError, match=r"says \['label:4'\], but the data has \['label:2'\]"):
         vaelab.resume(run, ["train.epochs=2"], splits=fewer)
     result = evaluate(run, "val", 3, progress=False, splits=data)
     assert math.isfinite(result["iw_nll_nats"]) and math.isfinite(result["diversity_ratio"])

@@ -99,7 +99,9 @@ def test_sigma_vae_scores_one_fixed_model_whatever_the_importance_chunks(
     assert model.likelihood.sigma2.item() == fitted
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+# cvae needs labelled data and vq_vae a latent its code size divides, and has no IS estimate:
+# tests/test_every_model.py covers both (and these) at their own settings.
+@pytest.mark.parametrize("name", sorted(set(MODELS) - {"cvae", "vq_vae"}))
 def test_every_registered_model_saves_loads_and_evaluates(tmp_path, data, name):
     run = vaelab.train(
         tiny_config(f"model.name={name}", "train.epochs=1"), tmp_path / name, splits=data

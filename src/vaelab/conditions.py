@@ -32,6 +32,7 @@ from vaelab.data import ImageDataset
 from vaelab.models.base import GenerativeModel
 
 KINDS = ("label", "attributes", "factors")
+MAX_CLASSES = 1000  # more distinct labels than this are identities, not classes
 Variables = tuple[tuple[str, int], ...]
 
 
@@ -39,7 +40,14 @@ def variables(dataset: ImageDataset, kind: str) -> Variables:
     """The variables of ``kind`` that ``dataset`` has, (name, number of values) each; a
     ConfigError naming model.condition_on when it has none."""
     if kind == "label" and dataset._labels is not None:
-        return (("label", int(dataset._labels.max()) + 1),)
+        labels = dataset._labels
+        if labels.min() < 0 or len(np.unique(labels)) > MAX_CLASSES:
+            raise ConfigError(
+                "config key 'model.condition_on': the data's labels are not classes to "
+                f"condition on ({len(np.unique(labels)):,} values, from {labels.min()}; CelebA's "
+                "are identities): expected attributes or factors"
+            )
+        return (("label", int(labels.max()) + 1),)
     if kind == "attributes" and dataset._attributes:
         return tuple((name, 2) for name in dataset._attributes)
     if kind == "factors" and dataset._factors is not None:
@@ -105,7 +113,7 @@ def given(
     if isinstance(index, Tensor):
         index = index.cpu().numpy()
     y = torch.from_numpy(indices(dataset, model.condition_on, index))
-    return _all(y.to(next(model.parameters()).device), model, *others)
+    return _all(y, model, *others)  # on the CPU: the model checks it there, then moves it
 
 
 def drawn(
@@ -122,8 +130,7 @@ def drawn(
         return contextlib.nullcontext()
     if dataset is None:
         raise ValueError(f"model '{model.cfg.name}' is conditional: its samples need the data")
-    y = draw(dataset, model.condition_on, n, fixed, seed)
-    return _all(y.to(next(model.parameters()).device), model)
+    return _all(draw(dataset, model.condition_on, n, fixed, seed), model)
 
 
 @contextlib.contextmanager

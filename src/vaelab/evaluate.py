@@ -230,6 +230,12 @@ def disentanglement_metrics(
     source draws for chosen factors (vaelab.disentanglement has the definitions)."""
     from vaelab import disentanglement as dis
 
+    if model.conditions:
+        raise ConfigError(
+            f"model '{model.cfg.name}' is conditional: its code is not asked to carry the "
+            "factors, so the disentanglement scores are not defined for it"
+        )
+
     sizes = dataset.factor_sizes
     codes = posterior_means(model, dataset)
     mig = dis.mutual_information_gap(codes, dataset.factors, sizes)

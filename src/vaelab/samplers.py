@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
-from vaelab import rundir
+from vaelab import conditions, rundir
 from vaelab.checkpoint import CheckpointError, _read_safetensors, weights_metadata
 from vaelab.config import ConfigError
 from vaelab.data import ImageDataset
@@ -373,10 +373,11 @@ def code_indices(model: GenerativeModel, dataset: ImageDataset, batch_size: int 
     model.eval()
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    out = [
-        model.code_indices(dataset.batch(slice(i, i + batch_size), device).to(dtype)).cpu()  # type: ignore[operator]
-        for i in range(0, len(dataset), batch_size)
-    ]
+    out = []
+    for i in range(0, len(dataset), batch_size):
+        part = slice(i, i + batch_size)
+        with conditions.given(model, dataset, part):
+            out.append(model.code_indices(dataset.batch(part, device).to(dtype)).cpu())  # type: ignore[operator]
     return torch.cat(out)
 
 

@@ -574,7 +574,8 @@ def _train_epoch(
     steps = len(train_set) // batch_size
     order = np.random.default_rng([tc.seed, epoch]).permutation(len(train_set))
     order = order[: steps * batch_size].reshape(steps, batch_size)
-    mine = torch.from_numpy(order[:, world.rank :: world.size].copy())
+    rows = order[:, world.rank :: world.size].copy()  # this rank's positions, on the CPU
+    mine = torch.from_numpy(rows)
     source = batch_source(train_set, device)
     if isinstance(source, DeviceImages):
         mine = mine.to(device)
@@ -587,7 +588,7 @@ def _train_epoch(
     seen, window_start = torch.zeros((), device=device, dtype=torch.float64), 0
     for i in range(steps):
         x = source.batch(mine[i], device).to(dtype)
-        given = conditions.given(session.model, train_set, mine[i])
+        given = conditions.given(session.model, train_set, rows[i])  # on the CPU: no sync
         with noise_shard(world.rank, world.size, batch_size), given:
             if cfg.data.flip:
                 x = data.random_hflip(x)

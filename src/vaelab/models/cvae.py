@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from vaelab.conditions import KINDS, Variables, parse_spec
-from vaelab.config import ConfigError, ModelConfig, require
+from vaelab.config import ConfigError, ModelConfig, RunConfig, require
 from vaelab.data import ImageDataset
 from vaelab.models import register
 from vaelab.models.base import DiagonalGaussian
@@ -76,6 +76,16 @@ class CVAE(VAE):
         return sum(size for _, size in self.conditions)
 
     @classmethod
+    def check_run(cls, cfg: RunConfig, world_size: int) -> None:
+        """The VAE's checks; and a left-right flip would contradict factors such as a position."""
+        super().check_run(cfg, world_size)
+        if cfg.data.flip and cfg.model.condition_on == "factors":
+            raise ConfigError(
+                "config key 'data.flip': a flipped image no longer has its factors (position, "
+                "orientation); expected false with model.condition_on=factors"
+            )
+
+    @classmethod
     def complete_config(cls, cfg: CVAEConfig, train: ImageDataset) -> ModelConfig:
         """model.conditions from the training data (checked against it when already set)."""
         from vaelab.conditions import spec, variables
@@ -85,8 +95,8 @@ class CVAE(VAE):
             return replace(cfg, conditions=found)
         if tuple(cfg.conditions) != found:
             raise ConfigError(
-                f"config key 'model.conditions': the run was trained on {list(cfg.conditions)}"
-                f" but the data has {list(found)}"
+                f"config key 'model.conditions': says {list(cfg.conditions)}, but the data has "
+                f"{list(found)} (model.condition_on={cfg.condition_on})"
             )
         return cfg
 
@@ -108,10 +118,15 @@ class CVAE(VAE):
                 f"cvae: expected the condition as integer indices (B, {len(known)}), got "
                 f"{tuple(y.shape)} {y.dtype}"
             )
-        sizes = torch.tensor([s for _, s in known], device=y.device)
-        if ((y < 0) | (y >= sizes)).any():
-            raise ValueError(f"cvae: a condition value is out of range (sizes {sizes.tolist()})")
+        y = y.long()
+        if y.device.type == "cpu":  # the loops hand it over on the CPU: checked without a sync
+            sizes = torch.tensor([s for _, s in known])
+            if ((y < 0) | (y >= sizes)).any():
+                raise ValueError(
+                    f"cvae: a condition value is out of range (sizes {sizes.tolist()})"
+                )
         param = next(self.parameters())
+        y = y.to(param.device)
         onehot = torch.cat([F.one_hot(y[:, i], s) for i, (_, s) in enumerate(known)], dim=1)
         before, self._y = self._y, onehot.to(param.device, param.dtype)
         try:
@@ -137,6 +152,9 @@ class CVAE(VAE):
         return super().encode(torch.cat([x, planes], dim=1))
 
     def decode_logits(self, z: Tensor) -> Tensor:
-        """z (..., B, d) with the batch's condition (B, c) beside every z."""
-        y = self._condition(z.shape[-2] if z.dim() > 1 else 1).to(z.dtype)
+        """z (..., B, d) with the batch's condition (B, c) beside every z; one z (d,) with a
+        condition of one image."""
+        if z.dim() == 1:
+            return self.decode_logits(z[None])[0]
+        y = self._condition(z.shape[-2]).to(z.dtype)
         return super().decode_logits(torch.cat([z, y.expand(*z.shape[:-1], -1)], dim=-1))

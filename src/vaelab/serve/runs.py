@@ -233,8 +233,8 @@ def load_run(path: str | Path, name: str) -> ServedRun:
     path = Path(path)
     model = load(path)  # first: it names what is missing from a folder that is no run
     cfg = run_config(path)
-    if not getattr(model, "continuous_latent", True) or getattr(model, "conditions", ()):
-        kind = "discrete codes" if getattr(model, "conditions", ()) == () else "a condition"
+    if not model.continuous_latent or model.conditions:
+        kind = "a condition" if model.conditions else "discrete codes"
         raise ConfigError(
             f"run '{path}': model '{model.cfg.name}' decodes {kind}, which the latent explorer "
             "has no sliders for; it serves models with a continuous, unconditional latent"
