@@ -307,6 +307,9 @@ def test_the_command_line_serves_until_interrupted(runs):
     process = subprocess.Popen(
         [sys.executable, "-m", "vaelab", "serve", str(runs["vae"]), "--port", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        # Ctrl+C as a terminal sends it: a shell starts background jobs with SIGINT ignored,
+        # which the child would inherit (and then not stop on it)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     try:
         line = process.stdout.readline()
