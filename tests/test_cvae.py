@@ -168,6 +168,8 @@ def test_training_records_the_variables_and_resuming_on_other_data_is_refused(tm
     fewer = Splits(*(ImageDataset(s.images[s.rows], s.labels % 2) for s in (data.train, data.val)))
     with pytest.raises(ConfigError, match=r"says \['label:4'\], but the data has \['label:2'\]"):
         vaelab.resume(run, ["train.epochs=2"], splits=fewer)
+    with pytest.raises(ConfigError, match=r"says \['label:4'\], but the data has \['label:2'\]"):
+        evaluate(run, "val", 3, progress=False, splits=fewer)  # a loaded run meets other labels
     result = evaluate(run, "val", 3, progress=False, splits=data)
     assert math.isfinite(result["iw_nll_nats"]) and math.isfinite(result["diversity_ratio"])
     # the pass gives each image its own label: evaluating with the labels shifted differs

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from vaelab.config import ConfigError
-from vaelab.data import ImageDataset
+from vaelab.config import ConfigError, ModelConfig
+from vaelab.data import ImageDataset, Splits
 from vaelab.models.base import GenerativeModel
 
 KINDS = ("label", "attributes", "factors")
@@ -65,6 +65,19 @@ def _has(dataset: ImageDataset, kind: str) -> bool:
         "attributes": bool(dataset._attributes),
         "factors": dataset._factors is not None,
     }[kind]
+
+
+def check_data(model: ModelConfig, splits: Splits) -> None:
+    """Refuse (one-line ConfigError) data whose labels are not the ones a loaded run's model
+    was trained on (``model.conditions``), split by split: the check training makes
+    (``complete_config``); nothing for a model without conditions."""
+    from vaelab.models import MODELS
+
+    if not getattr(model, "conditions", ()):
+        return
+    for part in (splits.train, splits.val, splits.test):
+        if part is not None:
+            MODELS[model.name].complete_config(model, part)
 
 
 def spec(found: Variables) -> tuple[str, ...]:

@@ -319,6 +319,7 @@ def open_run(
     step, epoch = (saved.get(k) for k in ("step", "epoch"))
     if splits is None:
         splits = data.build(cfg.data, progress=progress)
+    conditions.check_data(cfg.model, splits)  # a cvae: the labels it was trained on
     ctx = StepContext(  # as the trainer builds it, so validation and evaluate agree
         step=step if isinstance(step, int) else 0,
         epoch=epoch if isinstance(epoch, int) else 0,

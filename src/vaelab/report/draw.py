@@ -30,6 +30,7 @@ def run_split(
             raise data.DataError(f"'{text}': only data.* keys can change here")
     cfg = run_config(run, overrides)
     splits = data.build(cfg.data)
+    conditions.check_data(cfg.model, splits)  # a cvae: the labels it was trained on
     parts = {"train": splits.train, "val": splits.val, "test": splits.test}
     if split not in parts:
         raise data.DataError(f"split '{split}': expected train, val or test")

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from vaelab import data, gap, rundir, samplers
+from vaelab import conditions, data, gap, rundir, samplers
 from vaelab.checkpoint import CheckpointError, atomic_write, load, read_metrics, run_config
 from vaelab.metrics import is_number
 from vaelab.models.base import RESERVED
@@ -260,6 +260,7 @@ def write_report(
         key = json.dumps(configs[-1]["data"], sort_keys=True)
         if key not in data_cache:
             data_cache[key] = data.build(cfg.data, progress=False)
+        conditions.check_data(cfg.model, data_cache[key])  # a cvae: the labels it was trained on
         val = data_cache[key].val
         model = load(run)
         label = f"{name} ({cfg.model.name})"
