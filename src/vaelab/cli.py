@@ -174,13 +174,14 @@ def cmd_gap(args: argparse.Namespace) -> int:
 def cmd_quality(args: argparse.Namespace) -> int:
     from vaelab import inception
     from vaelab.quality import quality_table, sample_quality
-    from vaelab.report.draw import run_split
+    from vaelab.report.draw import run_data, run_split
 
     if args.inception_weights is not None:
         inception.load(args.inception_weights)  # a bad file: one line before any work
     for run in args.runs:
+        splits = run_data(run)
         result = sample_quality(
-            run, run_split(run, "train"), run_split(run, args.split), args.split, args.images,
+            run, splits.train, run_split(run, args.split, splits=splits), args.split, args.images,
             args.components, progress=not args.quiet, inception_weights=args.inception_weights,
         )  # fmt: skip
         if args.json:

@@ -39,32 +39,30 @@ Variables = tuple[tuple[str, int], ...]
 def variables(dataset: ImageDataset, kind: str) -> Variables:
     """The variables of ``kind`` that ``dataset`` has, (name, number of values) each; a
     ConfigError naming model.condition_on when it has none."""
-    if kind == "label" and dataset._labels is not None:
+    present = {
+        "label": dataset._labels is not None,
+        "attributes": bool(dataset._attributes),
+        "factors": dataset._factors is not None,
+    }
+    if present.get(kind) and kind == "label":
         labels = dataset._labels
-        if labels.min() < 0 or len(np.unique(labels)) > MAX_CLASSES:
+        classes = len(np.unique(labels))
+        if labels.min() < 0 or classes > MAX_CLASSES:
             raise ConfigError(
                 "config key 'model.condition_on': the data's labels are not classes to "
-                f"condition on ({len(np.unique(labels)):,} values, from {labels.min()}; CelebA's "
-                "are identities): expected attributes or factors"
+                f"condition on ({classes:,} values, from {labels.min()}; CelebA's are "
+                "identities): expected attributes or factors"
             )
         return (("label", int(labels.max()) + 1),)
-    if kind == "attributes" and dataset._attributes:
+    if present.get(kind) and kind == "attributes":
         return tuple((name, 2) for name in dataset._attributes)
-    if kind == "factors" and dataset._factors is not None:
+    if present.get(kind):
         return tuple(zip(dataset.factor_names, dataset.factor_sizes, strict=True))
-    has = [k for k in KINDS if _has(dataset, k)]
+    has = [k for k, found in present.items() if found]
     raise ConfigError(
         f"config key 'model.condition_on': the data has no {kind}; expected one of: "
         f"{', '.join(has) if has else 'none (these images carry no labels to condition on)'}"
     )
-
-
-def _has(dataset: ImageDataset, kind: str) -> bool:
-    return {
-        "label": dataset._labels is not None,
-        "attributes": bool(dataset._attributes),
-        "factors": dataset._factors is not None,
-    }[kind]
 
 
 def check_data(model: ModelConfig, splits: Splits) -> None:
@@ -116,15 +114,13 @@ def indices(dataset: ImageDataset, kind: str, index: np.ndarray | slice) -> np.n
 def given(
     model: GenerativeModel,
     dataset: ImageDataset,
-    index: np.ndarray | Tensor | slice,
+    index: np.ndarray | slice,
     *others: GenerativeModel | None,
 ) -> contextlib.AbstractContextManager[None]:
     """Give ``model`` (and ``others``, copies of it such as the sampling form) the condition of
     the images at positions ``index`` of ``dataset``; nothing for a model without conditions."""
     if not model.conditions:
         return contextlib.nullcontext()
-    if isinstance(index, Tensor):
-        index = index.cpu().numpy()
     y = torch.from_numpy(indices(dataset, model.condition_on, index))
     return _all(y, model, *others)  # on the CPU: the model checks it there, then moves it
 

@@ -169,17 +169,27 @@ def gmm(
             "mixture does not fit; use --sampler prior (its code prior, fitted to the training "
             "codes)"
         )
+    saved = saved_gmm(run, model, components)
+    if saved is not None:
+        return saved
     step = weights_metadata(run).get("step")
-    saved = path(run, components)
-    if saved.is_file():
-        mixture = LatentMixture.load(saved)
-        if mixture.info.get("step") == step and mixture.means.shape[1] == model.cfg.latent_dim:
-            return mixture
     codes = posterior_means(model, train)
     mixture = fit(codes, components, SEED, None if val is None else posterior_means(model, val))
     mixture.info["step"] = step
-    mixture.save(saved)
+    mixture.save(path(run, components))
     return mixture
+
+
+def saved_gmm(run: str | Path, model: GenerativeModel, components: int) -> LatentMixture | None:
+    """The run's saved mixture of ``components`` Gaussians when it was fitted to the run's
+    current weights (its step) and latent size; None otherwise (nothing is fitted here)."""
+    saved = path(run, components)
+    if not saved.is_file():
+        return None
+    mixture = LatentMixture.load(saved)
+    step = weights_metadata(run).get("step")
+    fits = mixture.info.get("step") == step and mixture.means.shape[1] == model.cfg.latent_dim
+    return mixture if fits else None
 
 
 # -- a prior over the codes of a discrete latent (vq_vae) ---------------------------------------

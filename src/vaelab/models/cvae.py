@@ -19,6 +19,7 @@ that have the fixed values).
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
@@ -26,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from vaelab.conditions import KINDS, Variables, parse_spec
+from vaelab.conditions import KINDS, Variables, parse_spec, spec, variables
 from vaelab.config import ConfigError, ModelConfig, RunConfig, require
 from vaelab.data import ImageDataset
 from vaelab.models import register
@@ -62,7 +63,7 @@ class CVAE(VAE):
         super().__init__(cfg, shape)
         self._y: Tensor | None = None  # the one-hot condition inside ``given``
 
-    @property  # a property over the base's class attribute: read from the config
+    @functools.cached_property  # over the base's class attribute: parsed once from the config
     def conditions(self) -> Variables:
         return parse_spec(self.cfg.conditions)
 
@@ -70,7 +71,7 @@ class CVAE(VAE):
     def condition_on(self) -> str:
         return self.cfg.condition_on
 
-    @property
+    @functools.cached_property
     def condition_width(self) -> int:
         """The one-hot condition's length: the variables' sizes added up."""
         return sum(size for _, size in self.conditions)
@@ -88,7 +89,6 @@ class CVAE(VAE):
     @classmethod
     def complete_config(cls, cfg: CVAEConfig, train: ImageDataset) -> ModelConfig:
         """model.conditions from the training data (checked against it when already set)."""
-        from vaelab.conditions import spec, variables
 
         found = spec(variables(train, cfg.condition_on))
         if not cfg.conditions:

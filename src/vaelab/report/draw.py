@@ -20,22 +20,33 @@ from vaelab.report import pictures
 from vaelab.report.figures import MAX_GRID_SIDE, grid_size, save_grid
 
 
-def run_split(
-    run: str | Path, split: str = "val", overrides: list[str] | None = None
-) -> data.ImageDataset:
-    """A split of the data a run was trained on; ``overrides`` may change data.* keys only
-    (e.g. data.root, to point at another copy)."""
+def run_data(run: str | Path, overrides: list[str] | None = None) -> data.Splits:
+    """The data a run was trained on, checked against what its model read from it (a cvae's
+    labels); ``overrides`` may change data.* keys only (e.g. data.root, to point at another
+    copy)."""
     for text in overrides or []:
         if not text.strip().startswith("data."):
             raise data.DataError(f"'{text}': only data.* keys can change here")
     cfg = run_config(run, overrides)
     splits = data.build(cfg.data)
-    conditions.check_data(cfg.model, splits)  # a cvae: the labels it was trained on
+    conditions.check_data(cfg.model, splits)
+    return splits
+
+
+def run_split(
+    run: str | Path,
+    split: str = "val",
+    overrides: list[str] | None = None,
+    splits: data.Splits | None = None,
+) -> data.ImageDataset:
+    """A split of ``splits``, by default the data a run was trained on (``run_data``)."""
+    splits = splits or run_data(run, overrides)
     parts = {"train": splits.train, "val": splits.val, "test": splits.test}
     if split not in parts:
         raise data.DataError(f"split '{split}': expected train, val or test")
     if parts[split] is None:
-        raise data.DataError(f"split '{split}': data.name={cfg.data.name} has no {split} split")
+        name = run_config(run, overrides).data.name
+        raise data.DataError(f"split '{split}': data.name={name} has no {split} split")
     return parts[split]  # type: ignore[return-value]
 
 
@@ -107,14 +118,17 @@ def draw_samples(
         )
     fixed = conditions.parse(condition, model.conditions) if model.conditions else None
     fitted = sampler == "gmm" or not model.continuous_latent  # a sampler fitted to the codes
-    train = run_split(run, "train") if fitted or model.conditions else None
-    mixture, what = None, f"z ~ N(0, {temperature:g}^2 I)"
+    splits = run_data(run) if fitted or model.conditions else None
+    train = None if splits is None else splits.train
+    mixture = None
+    if splits is not None and fitted:
+        mixture = samplers.latent_sampler(run, model, sampler, splits.train, splits.val, components)
     if sampler == "gmm":
-        mixture = samplers.gmm(run, model, train, run_split(run), components)
         what = f"z ~ a {components}-Gaussian mixture on the codes, T = {temperature:g}"
-    elif not model.continuous_latent:  # vq_vae: its codes from the prior fitted to them
-        mixture = samplers.latent_sampler(run, model, sampler, train, run_split(run))
+    elif fitted:  # vq_vae: its codes from the prior fitted to them
         what = f"codes ~ the autoregressive code prior, T = {temperature:g}"
+    else:
+        what = f"z ~ N(0, {temperature:g}^2 I)"
     if model.conditions:
         what += f", given {' '.join(condition)}" if condition else ", labels of training images"
     images = pictures.samples(model, n, temperature, seed, mixture, train, fixed)

@@ -158,11 +158,16 @@ def gap_png(results: Sequence[tuple[str, dict[str, Any]]], title: str = "") -> b
     return _png(fig)
 
 
+def to_uint8(images: Tensor) -> np.ndarray:
+    """(N, C, H, W) floats in [0, 1] -> (N, H, W, C) uint8, rounded."""
+    return (images.detach().cpu().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
+
+
 def image_grid(images: Tensor, nrow: int, pad: int = 2, group: int = 0) -> np.ndarray:
     """(N, C, H, W) floats in [0, 1] -> one (H', W', C) uint8 array, ``nrow`` images per row;
     ``group`` > 0 leaves a wider gap after every ``group`` rows (pairs of images above
     reconstructions)."""
-    imgs = (images.detach().cpu().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
+    imgs = to_uint8(images)
     n, h, w, c = imgs.shape
     rows = math.ceil(n / nrow)
     gap = 3 * pad

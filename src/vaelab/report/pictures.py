@@ -71,7 +71,7 @@ def reconstructions(
     return torch.cat(rows).cpu(), f"val images above {what}"
 
 
-def _latents(model: GenerativeModel, dataset: ImageDataset, index: np.ndarray) -> Tensor:
+def latents(model: GenerativeModel, dataset: ImageDataset, index: np.ndarray) -> Tensor:
     """Posterior means of the images at ``index``; prior samples for a model without encoder."""
     if model.has_encoder:
         with conditions.given(model, dataset, index):
@@ -89,7 +89,7 @@ def interpolations(
     with seeded(seed):
         pairs = min(pairs, len(dataset) // 2)  # pairs of distinct images, as many as there are
         index = np.random.default_rng(seed).permutation(len(dataset))[: 2 * pairs]
-        z = _latents(model, dataset, index).view(-1, 2, model.cfg.latent_dim)  # (P, 2, d)
+        z = latents(model, dataset, index).view(-1, 2, model.cfg.latent_dim)  # (P, 2, d)
     t = torch.linspace(0, 1, steps, device=z.device)[None, :, None]  # (1, S, 1)
     path = z[:, :1] * (1 - t) + z[:, 1:] * t  # (P, S, d)
     with conditions.given(model, dataset, index[0::2].repeat(steps)):
@@ -126,7 +126,7 @@ def traversal(
     the posterior mean of one real image (0 for a model without an encoder)."""
     model.eval()
     with seeded(seed):
-        base = _latents(model, dataset, spread(dataset, 1))[0]
+        base = latents(model, dataset, spread(dataset, 1))[0]
     under = conditions.given(model, dataset, spread(dataset, 1).repeat(len(dims) * steps))
     if not model.has_encoder:
         base = torch.zeros_like(base)

@@ -34,6 +34,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from vaelab import samplers
 from vaelab.serve import runs as served
 from vaelab.serve.runs import BadInput, Engine, ServedRun
 
@@ -59,7 +60,7 @@ SECURITY_HEADERS = [
     (b"x-content-type-options", b"nosniff"),
     (b"referrer-policy", b"no-referrer"),
 ]  # fmt: skip
-LOOPBACK_HOSTS = ["127.0.0.1", "localhost", "::1", "[::1]"]
+LOOPBACK_HOSTS = ["127.0.0.1", "localhost", "[::1]"]  # as a Host header names them
 
 
 def error(status: int, message: str) -> JSONResponse:
@@ -251,14 +252,16 @@ def create_app(
         content, kind = assets[request.url.path]
         return Response(content, media_type=kind, headers={"cache-control": "no-cache"})
 
-    async def list_runs(request: Request) -> JSONResponse:
-        from vaelab.report.html import EVAL_KEYS
+    from vaelab.report.html import EVAL_KEYS
 
-        return JSONResponse(
-            {"runs": [run.describe() for run in runs], "labels": dict(EVAL_KEYS),
-             "limits": {"samples": MAX_SAMPLES, "steps": MAX_STEPS, "upload_bytes": max_upload,
-                        "temperature": MAX_TEMPERATURE, "latent": MAX_LATENT}},
-        )  # fmt: skip
+    listing = {  # the runs are read-only while served: described once
+        "runs": [run.describe() for run in runs], "labels": dict(EVAL_KEYS),
+        "limits": {"samples": MAX_SAMPLES, "steps": MAX_STEPS, "upload_bytes": max_upload,
+                   "temperature": MAX_TEMPERATURE, "latent": MAX_LATENT},
+    }  # fmt: skip
+
+    async def list_runs(request: Request) -> JSONResponse:
+        return JSONResponse(listing)
 
     async def decode(request: Request) -> Response:
         body = await json_body(request)
@@ -274,8 +277,9 @@ def create_app(
             raise BadInput(400, "'temperature': expected a number > 0")
         seed = integer(q.get("seed", "0"), "'seed'", 0, 2**63 - 1)
         sampler = q.get("sampler", "prior")
-        if sampler not in ("prior", "gmm"):
-            raise BadInput(400, f"'sampler': expected prior or gmm, got {sampler[:40]!r}")
+        if sampler not in samplers.KINDS:
+            kinds = " or ".join(samplers.KINDS)
+            raise BadInput(400, f"'sampler': expected {kinds}, got {sampler[:40]!r}")
         if sampler == "gmm" and run.mixture is None:
             raise BadInput(
                 400, f"run '{run.name}' has no post-hoc sampler fitted to its weights (make one: "
@@ -412,7 +416,7 @@ def _server(app: Starlette) -> uvicorn.Server:
 def app_for(runs: list[ServedRun], host: str, max_upload: int = MAX_UPLOAD_BYTES) -> Starlette:
     """The app, accepting only loopback Host headers when it listens on a loopback address (a
     web page elsewhere cannot reach it by DNS rebinding)."""
-    hosts = LOOPBACK_HOSTS if is_loopback(host) else None
+    hosts = [*LOOPBACK_HOSTS, host] if is_loopback(host) else None  # 127.0.0.2 too
     return create_app(runs, max_upload=max_upload, allowed_hosts=hosts)
 
 

@@ -30,7 +30,7 @@ from PIL import Image
 from torch import Tensor
 
 from vaelab import data, rundir, samplers, speed
-from vaelab.checkpoint import CheckpointError, load, read_json, run_config, weights_metadata
+from vaelab.checkpoint import CheckpointError, load, read_json, run_config
 from vaelab.config import ConfigError, RunConfig
 from vaelab.data.base import to_float
 from vaelab.data.celeba import DEFAULT_CROP as CELEBA_CROP
@@ -38,7 +38,7 @@ from vaelab.data.images import DECODE_ERRORS, load_image
 from vaelab.models.base import GenerativeModel
 from vaelab.report import pictures
 from vaelab.report.draw import run_split
-from vaelab.report.figures import image_grid
+from vaelab.report.figures import image_grid, to_uint8
 
 T = TypeVar("T")
 
@@ -196,7 +196,8 @@ def dimension_order(
     if val is None:
         return list(range(d)), None, "not evaluated and no validation images: index order"
     order = pictures.active_dimensions(model, val, d)
-    return order, None, "mean KL over 500 validation images (as vaelab traverse chooses)"
+    n = min(500, len(val))  # pictures.active_dimensions' default
+    return order, None, f"mean KL over {n} validation images (as vaelab traverse chooses)"
 
 
 def _validation(run: Path, model: GenerativeModel) -> tuple[data.ImageDataset | None, str]:
@@ -218,14 +219,12 @@ def _mixture(run: Path, model: GenerativeModel) -> samplers.LatentMixture | None
     folder = run / rundir.SAMPLERS
     if not model.has_encoder or not folder.is_dir():
         return None
-    step = weights_metadata(run).get("step")
-    best = None
-    for path in sorted(folder.glob("gmm_*.safetensors")):
-        mixture = samplers.LatentMixture.load(path)
-        fits = mixture.info.get("step") == step and mixture.means.shape[1] == model.cfg.latent_dim
-        if fits and (best is None or mixture.components > best.components):
-            best = mixture
-    return best
+    sizes = [int(p.stem[4:]) for p in folder.glob("gmm_*.safetensors") if p.stem[4:].isdigit()]
+    for k in sorted(sizes, reverse=True):
+        mixture = samplers.saved_gmm(run, model, k)
+        if mixture is not None:
+            return mixture
+    return None
 
 
 def load_run(path: str | Path, name: str) -> ServedRun:
@@ -256,11 +255,6 @@ def load_runs(paths: list[str | Path]) -> list[ServedRun]:
 
 
 # -- images ----------------------------------------------------------------------------------
-
-
-def to_uint8(images: Tensor) -> np.ndarray:
-    """(N, C, H, W) floats in [0, 1] -> (N, H, W, C) uint8 (rounded, as the report draws)."""
-    return (images.detach().cpu().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
 
 
 def png(array: np.ndarray) -> bytes:
@@ -383,9 +377,7 @@ def val_png(run: ServedRun, index: int) -> bytes:
 
 def val_latent(run: ServedRun, index: int) -> Tensor:
     """The posterior mean of validation image ``index``, (d,)."""
-    val = run.need_val()
-    param = next(run.model.parameters())
-    return run.model.encode(val.batch(np.array([index]), param.device)).mode()[0].float().cpu()
+    return pictures.latents(run.model, run.need_val(), np.array([index]))[0].float().cpu()
 
 
 def encode_upload(run: ServedRun, x: Tensor) -> dict[str, Any]:
