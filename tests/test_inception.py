@@ -167,6 +167,28 @@ def test_mixed_blocks_pool_as_tensorflow_did():
     assert torch.equal(inception._mean_pool(x), x)
 
 
+@pytest.mark.parametrize(
+    "block, pool", [("Mixed_5b", "mean"), ("Mixed_6b", "mean"), ("Mixed_7b", "mean"),
+                    ("Mixed_7c", "max")],
+)  # fmt: skip
+def test_each_mixed_blocks_pool_branch_pools_as_tensorflow_did(block, pool):
+    """The block's last channels are its pool branch applied to a 3x3 pooling over the pixels
+    inside the image, pooled here by hand (torchvision's count_include_pad would differ at the
+    border, which is not zero here)."""
+    torch.manual_seed(0)
+    b = getattr(inception.InceptionV3().eval(), block)
+    x = torch.randn(1, b.branch_pool.conv.in_channels, 5, 5) + 3
+    pooled = torch.empty_like(x)
+    for i in range(5):
+        for j in range(5):
+            window = x[:, :, max(i - 1, 0) : i + 2, max(j - 1, 0) : j + 2]
+            pooled[:, :, i, j] = window.amax((2, 3)) if pool == "max" else window.mean((2, 3))
+    with torch.no_grad():
+        out, expected = b(x), b.branch_pool(pooled)
+    k = b.branch_pool.conv.out_channels
+    assert torch.allclose(out[:, -k:], expected, atol=1e-5)
+
+
 # -- loading ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["random.pth", "random.safetensors"])
 def test_saved_weights_load_back_and_give_identical_features(weights, name, small_input):

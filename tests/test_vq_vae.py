@@ -307,12 +307,26 @@ def test_the_code_prior_is_saved_with_the_run_reloaded_and_refitted_for_new_weig
     saved.unlink()
 
 
-def test_sample_draws_through_the_code_prior_and_gmm_is_refused(run, tmp_path, capsys):
+def spy_code_prior(monkeypatch) -> list:
+    """Each draw of codes from a fitted code prior, recorded (n, ...)."""
+    calls: list = []
+    original = samplers.CodePrior.sample
+    monkeypatch.setattr(
+        samplers.CodePrior,
+        "sample",
+        lambda self, *a, **k: calls.append(a) or original(self, *a, **k),
+    )
+    return calls
+
+
+def test_sample_draws_through_the_code_prior_and_gmm_is_refused(run, tmp_path, capsys, monkeypatch):
     out = tmp_path / "vq.png"
     assert main(["sample", str(run), "-n", "16", "--out", str(out)]) == 0
     assert Image.open(out).size[0] > 0 and samplers.code_prior_path(run).is_file()
     again = tmp_path / "again.png"
+    drawn = spy_code_prior(monkeypatch)
     draw_samples(run, again, 16)
+    assert [a[0] for a in drawn] == [16]  # the codes came from the fitted prior, not uniform
     assert np.asarray(Image.open(out)).tolist() == np.asarray(Image.open(again)).tolist()
     gmm = tmp_path / "gmm.png"
     assert main(["sample", str(run), "--sampler", "gmm", "--out", str(gmm)]) == 2
@@ -326,7 +340,9 @@ def test_sample_draws_through_the_code_prior_and_gmm_is_refused(run, tmp_path, c
 def test_quality_measures_the_code_prior_samples_and_records_its_fit(run, tmp_path, monkeypatch):
     monkeypatch.setenv("VAELAB_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(quality, "CLASSIFIER_STEPS", 20)
+    drawn = spy_code_prior(monkeypatch)
     assert main(["quality", str(run), "--images", "20", "--quiet"]) == 0
+    assert [a[0] for a in drawn] == [20]  # its "prior" samples are the code prior's
     result = json.loads((run / "eval" / "quality_val.json").read_text())
     assert set(result["samplers"]) == {"prior"}
     entry = result["samplers"]["prior"]

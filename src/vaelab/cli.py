@@ -176,13 +176,14 @@ def cmd_quality(args: argparse.Namespace) -> int:
     from vaelab.quality import quality_table, sample_quality
     from vaelab.report.draw import run_data, run_split
 
+    weights = None  # read and hashed once for every run; a bad file is one line before any work
     if args.inception_weights is not None:
-        inception.load(args.inception_weights)  # a bad file: one line before any work
+        weights = inception.open_weights(args.inception_weights)
     for run in args.runs:
         splits = run_data(run)
         result = sample_quality(
             run, splits.train, run_split(run, args.split, splits=splits), args.split, args.images,
-            args.components, progress=not args.quiet, inception_weights=args.inception_weights,
+            args.components, progress=not args.quiet, inception_weights=weights,
         )  # fmt: skip
         if args.json:
             print(json.dumps(result, indent=2))

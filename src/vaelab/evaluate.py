@@ -160,8 +160,9 @@ def evaluate_model(
     check_count(ais_chains, "--ais-chains")
     start = time.perf_counter()
     n = len(dataset)
-    work = n * (iw_samples + ais_chains * ais_steps) if model.continuous_latent else 0
-    if progress and not progress_bars.interactive() and model.continuous_latent:
+    skipped = likelihood_skipped(model)
+    work = n * (iw_samples + ais_chains * ais_steps) if skipped is None else 0
+    if progress and not progress_bars.interactive() and skipped is None:
         extra = f" and AIS with {ais_chains} chains of {ais_steps} steps" if ais_steps else ""
         log.info(f"evaluating {n} images with K = {iw_samples} importance samples each{extra}")
     bar = progress_bars.bar(work, "evaluating", progress, unit="sample", unit_scale=True,
@@ -174,7 +175,6 @@ def evaluate_model(
         )  # fmt: skip
     finally:
         bar.close()
-    skipped = likelihood_skipped(model)
     if skipped is not None:  # neither IS nor AIS ran: say why, instead of their settings
         result["likelihood_skipped"] = skipped
     else:

@@ -180,13 +180,13 @@ def _log_weight(
     return log_lik + prior.log_prob(z) - log_q if with_prior else log_lik
 
 
-@metrics.metric("gap")
+@metrics.metric("gap", needs_density=True)
 def decomposition(b: Batch) -> dict[str, Tensor]:
     """ELBO(q) and ELBO(q*) per image: q* optimised from the encoder's q for q_star_steps Adam
     steps (``optimise_posterior``), both ELBOs from the same elbo_samples draws
     (``compare_elbos``). Only when asked for (q_star_steps > 0), for a model with an encoder."""
     opt, q = b.options, b.out.posterior
-    if opt.q_star_steps < 1 or q is None or not b.model.continuous_latent:
+    if opt.q_star_steps < 1 or q is None:
         return {}
     q_star = optimise_posterior(b.fast, b.x, q, opt.q_star_steps, opt.q_star_samples, opt.q_star_lr)
     if b.on_samples is not None:

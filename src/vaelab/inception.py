@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import re
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -320,3 +321,18 @@ def load(path: str | Path) -> InceptionV3:
 
 
 __all__ = ["InceptionV3", "features", "load", "prepare", "sha256"]
+
+
+@dataclass(frozen=True)
+class Weights:
+    """The network of a weights file with the file's name and sha256: read and hashed once for
+    every run a ``vaelab quality`` call measures."""
+
+    net: InceptionV3
+    file: str
+    sha256: str
+
+
+def open_weights(path: str | Path) -> Weights:
+    """``load`` and ``sha256`` of ``path``, together."""
+    return Weights(load(path), str(path), sha256(path))

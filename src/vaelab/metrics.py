@@ -79,15 +79,22 @@ class Batch:
 
 Metric = Callable[[Batch], dict[str, Tensor]]
 METRICS: dict[str, Metric] = {}
+# Metrics that need a density in z (importance weights, AIS, q*): the pass skips them for a
+# model with a discrete latent (``GenerativeModel.continuous_latent`` False).
+NEEDS_DENSITY: set[str] = set()
 
 
-def metric(name: str) -> Callable[[Metric], Metric]:
-    """Register a metric function under ``name`` (``vaelab evaluate`` runs every one)."""
+def metric(name: str, *, needs_density: bool = False) -> Callable[[Metric], Metric]:
+    """Register a metric function under ``name`` (``vaelab evaluate`` runs every one);
+    ``needs_density``: it weighs or follows z by its density, so it runs only for models with a
+    continuous latent."""
 
     def wrap(fn: Metric) -> Metric:
         if name in METRICS:
             raise ValueError(f"metric '{name}' is registered twice")
         METRICS[name] = fn
+        if needs_density:
+            NEEDS_DENSITY.add(name)
         return fn
 
     return wrap
@@ -143,25 +150,23 @@ def importance_estimate(
     return lse - math.log(k), ais.log_mean_exp_variance(lse, lse_sq, k)
 
 
-@metric("importance")
+@metric("importance", needs_density=True)
 def importance(b: Batch) -> dict[str, Tensor]:
     """log p(x) by importance sampling with K = iw_samples draws from q(z|x) (from the prior
     without an encoder; Burda et al. 2016)."""
-    if not b.model.continuous_latent:  # no density in z to weigh (evaluate says why)
-        return {}
     opt = b.options
     log_px, var = importance_estimate(b.fast, b.x, opt.iw_samples, b.on_samples, b.out.posterior)
     return {"log_px": log_px, "_log_px_var": var}
 
 
-@metric("ais")
+@metric("ais", needs_density=True)
 def annealed(b: Batch) -> dict[str, Tensor]:
     """log p(x) by annealed importance sampling with HMC transitions (``vaelab.ais``), from the
     encoder's q(z|x) (from the prior without an encoder, or when q is not a diagonal Gaussian:
     ``ais.start``): ais_chains chains of ais_steps steps per image, all in one tensor. Only when
     asked for (ais_steps > 0)."""
     opt = b.options
-    if opt.ais_steps < 1 or not b.model.continuous_latent:
+    if opt.ais_steps < 1:
         return {}
     n, chains = b.x.shape[0], opt.ais_chains
     on_step = None if b.on_samples is None else lambda _: b.on_samples(n * chains)  # type: ignore[misc]
@@ -324,6 +329,8 @@ def evaluation_pass(
                     batch = Batch(x, out, model, options, on_samples, sampler)
                     values: dict[str, Tensor] = {}
                     for name in names:
+                        if name in NEEDS_DENSITY and not model.continuous_latent:
+                            continue  # evaluate records why (likelihood_skipped)
                         start = time.perf_counter()
                         found = METRICS[name](batch)
                         if seconds is not None:

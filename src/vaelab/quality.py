@@ -254,14 +254,18 @@ def sample_quality(
     components: int = samplers.COMPONENTS,
     cache: Path | None = None,
     progress: bool = False,
-    inception_weights: str | Path | None = None,
+    inception_weights: str | Path | inception.Weights | None = None,
 ) -> dict[str, Any]:
     """FID and KID in the classifier's feature space between ``images`` samples (default: as
     many as ``held_out`` has) and as many held-out images, for the prior and (models with an
     encoder) the run's Gaussian-mixture sampler; written to ``RUN/eval/quality_<split>.json``.
     With ``inception_weights`` (the user's copy of pytorch-fid's Inception-v3 weights,
-    ``vaelab.inception``) also ``fid_inception`` and ``kid_inception`` of the same images."""
-    inception_net = None if inception_weights is None else inception.load(inception_weights)
+    ``vaelab.inception``; its path, or ``inception.open_weights`` of it to measure several runs)
+    also ``fid_inception`` and ``kid_inception`` of the same images."""
+    weights = inception_weights
+    if weights is not None and not isinstance(weights, inception.Weights):
+        weights = inception.open_weights(weights)  # before any work: a bad file is one line
+    inception_net = None if weights is None else weights.net
     model = load(run)
     n = len(held_out) if images is None else images
     if isinstance(n, bool) or not isinstance(n, int) or n < 2:
@@ -296,10 +300,10 @@ def sample_quality(
         "train_vs_held_out": _distances(floor, real),
         "samplers": {},
     }
-    if inception_weights is not None:
+    if weights is not None:
         result["inception_weights"] = {
-            "file": str(inception_weights),
-            "sha256": inception.sha256(inception_weights),
+            "file": weights.file,
+            "sha256": weights.sha256,
             "features": inception.FEATURES,
         }
     # a discrete latent (vq_vae): "prior" is the code prior fitted to its codes, and no gmm
@@ -310,10 +314,9 @@ def sample_quality(
         drawn = samples(model, n, 1.0, SEED, mixture, held_out)
         fake = measure(drawn, f"{kind} samples")
         entry = _distances(fake, real)
-        if isinstance(mixture, samplers.LatentMixture):  # how well it fits the val codes
+        if isinstance(mixture, samplers.LatentMixture):
             entry["components"] = mixture.components
-            entry.update({k: v for k, v in mixture.info.items() if k.startswith("val_log")})
-        elif mixture is not None:  # a code prior: the val codes' NLL (samplers.fit_code_prior)
+        if mixture is not None:  # how well it fits the val codes (samplers.fit, fit_code_prior)
             entry.update({k: v for k, v in mixture.info.items() if k.startswith("val_")})
         result["samplers"][kind] = entry
     result["seconds"] = time.perf_counter() - start

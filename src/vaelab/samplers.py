@@ -44,6 +44,7 @@ from vaelab.checkpoint import CheckpointError, _read_safetensors, weights_metada
 from vaelab.config import ConfigError
 from vaelab.data import ImageDataset
 from vaelab.models.base import GenerativeModel
+from vaelab.models.iaf_vae import MaskedLinear
 from vaelab.rng import seeded
 
 COMPONENTS = 10  # Ghosh et al. (2020)'s mixture size
@@ -218,8 +219,6 @@ class CodeMADE(nn.Module):
 
     def __init__(self, positions: int, codes: int, hidden: int = CODE_HIDDEN) -> None:
         super().__init__()
-        from vaelab.models.iaf_vae import MaskedLinear
-
         self.positions, self.codes, self.hidden = positions, codes, hidden
         deg_in = torch.arange(1, positions + 1)
         deg_hidden = torch.arange(hidden) % max(positions - 1, 1) + 1
@@ -387,7 +386,7 @@ def code_indices(model: GenerativeModel, dataset: ImageDataset, batch_size: int 
     for i in range(0, len(dataset), batch_size):
         part = slice(i, i + batch_size)
         with conditions.given(model, dataset, part):
-            out.append(model.code_indices(dataset.batch(part, device).to(dtype)).cpu())  # type: ignore[operator]
+            out.append(model.code_indices(dataset.batch(part, device).to(dtype)).cpu())
     return torch.cat(out)
 
 
@@ -407,34 +406,35 @@ def code_prior(
             f"model '{model.cfg.name}' has a continuous latent: a prior over codes is for a "
             "discrete one (vq_vae); use --sampler prior or gmm"
         )
-    step = weights_metadata(run).get("step")
-    saved = code_prior_path(run)
-    k = model.cfg.codebook_size  # type: ignore[attr-defined]
-    positions = model.cfg.latent_dim // model.cfg.code_dim  # type: ignore[attr-defined]
-    if saved.is_file():
-        prior = CodePrior.load(saved)
-        fits = (prior.positions, prior.codes) == (positions, k)
-        if prior.info.get("step") == step and fits:
-            return prior
+    saved = saved_code_prior(run, model)
+    if saved is not None:
+        return saved
     val_codes = None if val is None else code_indices(model, val)
+    k = model.cfg.codebook_size  # type: ignore[attr-defined]
     prior = fit_code_prior(code_indices(model, train), k, SEED, val_codes)
-    prior.info["step"] = step
-    prior.save(saved)
+    prior.info["step"] = weights_metadata(run).get("step")
+    prior.save(code_prior_path(run))
     return prior
 
 
-def saved_code_sampler(run: str | Path, model: GenerativeModel) -> CodeSampler | None:
-    """The run's code prior as a sampler when one was fitted to its current weights (for the
-    report, which never fits one); None otherwise, and for a model with a continuous latent."""
+def saved_code_prior(run: str | Path, model: GenerativeModel) -> CodePrior | None:
+    """The run's saved code prior when it was fitted to the run's current weights (its step)
+    and codes (positions, K); None otherwise, and for a model with a continuous latent
+    (nothing is fitted here)."""
     saved = code_prior_path(run)
     if model.continuous_latent or not saved.is_file():
         return None
     prior = CodePrior.load(saved)
-    return (
-        CodeSampler(prior, model)
-        if prior.info.get("step") == weights_metadata(run).get("step")
-        else None
-    )
+    k = model.cfg.codebook_size  # type: ignore[attr-defined]
+    positions = model.cfg.latent_dim // model.cfg.code_dim  # type: ignore[attr-defined]
+    fits = (prior.positions, prior.codes) == (positions, k)
+    return prior if fits and prior.info.get("step") == weights_metadata(run).get("step") else None
+
+
+def saved_code_sampler(run: str | Path, model: GenerativeModel) -> CodeSampler | None:
+    """``saved_code_prior`` as a sampler (for the report, which never fits one)."""
+    prior = saved_code_prior(run, model)
+    return None if prior is None else CodeSampler(prior, model)
 
 
 @dataclass
@@ -451,7 +451,7 @@ class CodeSampler:
 
     def sample(self, n: int, temperature: float = 1.0, seed: int = 0) -> Tensor:
         c = self.prior.sample(n, temperature, seed)
-        return self.model.decode_codes(c.to(next(self.model.parameters()).device))  # type: ignore[operator]
+        return self.model.decode_codes(c.to(next(self.model.parameters()).device))
 
 
 def latent_sampler(

@@ -257,6 +257,14 @@ class GenerativeModel(nn.Module):
     def encode(self, x: Tensor) -> DiagonalGaussian:
         raise NotImplementedError(f"model '{self.cfg.name}' has no encoder")
 
+    def code_indices(self, x: Tensor) -> Tensor:
+        """A discrete latent's code indices of images x, (B, L) (``continuous_latent`` False)."""
+        raise NotImplementedError(f"model '{self.cfg.name}' has no discrete codes")
+
+    def decode_codes(self, indices: Tensor) -> Tensor:
+        """The latents z (B, d) of code indices (B, L), for the decoder."""
+        raise NotImplementedError(f"model '{self.cfg.name}' has no discrete codes")
+
     def log_weights(self, x: Tensor, k: int, q: DiagonalGaussian | None = None) -> Tensor:
         """Importance log-weights log p(x|z_k) + log p(z_k) - log r(z_k|x) for k samples from a
         proposal r, (k, B); log p(x) ~= logmeanexp over k. Without an encoder the proposal is
