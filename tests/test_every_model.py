@@ -87,7 +87,10 @@ train_step, parent = trainer.train_step, os.getppid()
 def step_then_stop_in_epoch_2(session, x, ctx, total_steps):
     out = train_step(session, x, ctx, total_steps)
     if ctx.epoch == 2:
-        Path(os.environ["VAELAB_TEST_STOPPED"]).write_text(str(ctx.step))
+        # Written whole, then renamed: the test waits for the name, then reads the step.
+        marker = Path(os.environ["VAELAB_TEST_STOPPED"])
+        Path(f"{marker}.part").write_text(str(ctx.step))
+        os.replace(f"{marker}.part", marker)
         while os.getppid() == parent:  # until SIGKILL, or the test process is gone
             time.sleep(0.05)
         os._exit(1)
