@@ -25,3 +25,16 @@ def make_runs(root: Path) -> dict[str, Path]:
         )  # fmt: skip
         runs[name] = Path(vaelab.train(cfg, root / name))
     return runs
+
+
+def make_cvae_run(root: Path) -> Path:
+    """A cvae conditioned on the digits' labels (0..9), one epoch on 200 of the embedded digits
+    at 8x8: its validation images carry labels."""
+    cfg = load_config(
+        overrides=[
+            "model.name=cvae", "data.subset=200", "data.size=8", f"data.cache_dir={root / 'cache'}",
+            "model.widths=[4,8]", "model.latent_dim=3", "train.batch_size=16", "train.epochs=1",
+            "train.progress=false",
+        ]
+    )  # fmt: skip
+    return Path(vaelab.train(cfg, root / "cvae"))

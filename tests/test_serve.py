@@ -1,5 +1,6 @@
 """`vaelab serve`: a real uvicorn server on a free port, driven over HTTP (docs/serve.md)."""
 
+import base64
 import io
 import json
 import os
@@ -16,11 +17,14 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.serve_runs import make_runs
+import vaelab
+from tests.serve_runs import make_cvae_run, make_runs
 from vaelab import serve
 from vaelab.checkpoint import load
 from vaelab.data.images import load_image
-from vaelab.serve.runs import MAX_UPLOAD_PIXELS
+from vaelab.report import pictures
+from vaelab.report.draw import run_split
+from vaelab.serve.runs import MAX_UPLOAD_PIXELS, grid_png
 
 UPLOAD_LIMIT = 64 * 1024  # small, so an oversized upload fits in the sockets' buffers
 
@@ -167,8 +171,6 @@ def test_reconstruct_converts_an_upload_as_the_data_loading_does(runs, server, t
     encoded = json.loads(answer)
     assert code == 200 and len(encoded["z"]) == 3 and len(encoded["std"]) == 3
     seen = encoded["input_png"].split(",", 1)[1]
-    import base64
-
     assert np.array_equal(png_image(base64.b64decode(seen)), expected)
     model = load(runs["vae"])
     x = torch.from_numpy(expected.copy()).permute(2, 0, 1)[None].float() / 255
@@ -361,3 +363,100 @@ def test_any_loopback_address_is_served_and_a_foreign_host_still_refused(runs):
         assert server.startswith("http://127.0.0.2:")
         assert call(server, "/api/runs")[0] == 200
         assert call(server, "/api/runs", headers={"Host": "evil.example"})[0] == 400
+
+
+# -- a conditional model (cvae): every request under one condition ------------------------------
+@pytest.fixture(scope="module")
+def cvae(tmp_path_factory):
+    run = make_cvae_run(tmp_path_factory.mktemp("serve-cvae"))
+    with serve.serving(serve.load_runs([run])) as url:
+        yield run, url
+
+
+def test_a_cvae_lists_its_variables_with_the_datas_most_common_values(cvae):
+    run, url = cvae
+    (listed,) = json.loads(call(url, "/api/runs")[2])["runs"]
+    val = run_split(run, "val")
+    common = int(np.bincount(val._labels[val.rows], minlength=10).argmax())
+    assert listed["conditions"] == [{"name": "label", "size": 10, "default": common}]
+
+
+def test_a_cvae_decodes_and_samples_under_the_condition_asked_for(cvae):
+    run, url = cvae
+    model = load(run)
+    z = [0.3, -0.2, 1.0]
+    images = {}
+    for label in (2, 7):
+        code, _, content = call(url, "/api/decode", {"run": "cvae", "z": z,
+                                                     "condition": {"label": label}})  # fmt: skip
+        assert code == 200
+        images[label] = png_image(content).astype(float)
+        with torch.no_grad(), model.given(torch.tensor([[label]])):
+            expected = model.decode(torch.tensor([z]))[0, 0].numpy() * 255  # grey: (H, W)
+        assert np.abs(images[label] - expected).max() <= 1.0
+    assert np.abs(images[2] - images[7]).max() > 1.0  # the condition reaches the decoder
+    # no condition: the run's default; a sample grid under label=7 is the decoder's for 7
+    default = json.loads(call(url, "/api/runs")[2])["runs"][0]["conditions"][0]["default"]
+    body = {"run": "cvae", "z": z, "condition": {"label": default}}
+    assert call(url, "/api/decode", {"run": "cvae", "z": z})[2] == call(url, "/api/decode", body)[2]
+    seven = png_image(call(url, "/api/sample?run=cvae&n=4&seed=3&condition=label%3D7")[2])
+    expected = pictures.samples(model, 4, 1.0, 3, condition=torch.tensor([7]))
+    grid = png_image(grid_png(expected, 2))
+    assert np.abs(seven.astype(float) - grid).max() <= 1.0
+    two = call(url, "/api/sample?run=cvae&n=4&seed=3&condition=label%3D2")[2]
+    assert png_image(two).tobytes() != seven.tobytes()
+
+
+def test_a_cvae_reconstructs_and_walks_under_the_condition(cvae):
+    run, url = cvae
+    model = load(run).eval()
+    content = picture_bytes(size=(12, 12), mode="L")
+    code, _, answer = call(url, "/api/reconstruct?run=cvae&condition=label%3D4", content)
+    assert code == 200
+    encoded = json.loads(call(url, "/api/encode?run=cvae&condition=label%3D4", content)[2])
+    seen = torch.from_numpy(png_image(base64.b64decode(encoded["input_png"].split(",")[1])).copy())
+    x = seen.float()[None, None] / 255
+    with torch.no_grad(), model.given(torch.tensor([[4]])):
+        assert np.allclose(encoded["z"], model.encode(x).mode()[0].tolist(), atol=1e-4)
+        mean = model.reconstruct(x)[0, 0].numpy() * 255
+    assert np.abs(png_image(answer).astype(float) - mean).max() <= 1.0
+    walk = {"run": "cvae", "from": {"val": 0}, "to": {"val": 5}, "steps": 3}
+    three = call(url, "/api/interpolate", {**walk, "condition": {"label": 3}})
+    assert three[0] == 200
+    assert three[2] != call(url, "/api/interpolate", {**walk, "condition": {"label": 8}})[2]
+
+
+CVAE_REFUSALS = [
+    ("POST", "/api/decode", {"run": "cvae", "z": [0, 0, 0], "condition": {"label": 10}},
+     "'condition' label=10: expected an integer from 0 to 9 for label"),
+    ("POST", "/api/decode", {"run": "cvae", "z": [0, 0, 0], "condition": {"colour": 1}},
+     "'condition' colour=1: expected NAME=VALUE with NAME one of: label"),
+    ("POST", "/api/decode", {"run": "cvae", "z": [0, 0, 0], "condition": {"label": 2.5}},
+     "expected an integer from 0 to 9"),
+    ("POST", "/api/decode", {"run": "cvae", "z": [0, 0, 0], "condition": "label=2"},
+     "'condition': expected"),
+    ("GET", "/api/sample?run=cvae&condition=label", None, "expected NAME=VALUE"),
+    ("POST", "/api/reconstruct?run=cvae&condition=label%3D-1", b"", "from 0 to 9"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("method, path, body, words", CVAE_REFUSALS)
+def test_a_bad_condition_is_a_one_line_400(cvae, method, path, body, words):
+    refused(call(cvae[1], path, body, method=method), 400, re.escape(words))
+
+
+def test_a_condition_for_a_model_without_one_is_refused(server):
+    body = {"run": "vae", "z": [0, 0, 0], "condition": {"label": 1}}
+    refused(call(server, "/api/decode", body), 400, "'condition': run 'vae' .* is not conditional")
+    refused(call(server, "/api/sample?run=vae&condition=label%3D1"), 400, "is not conditional")
+
+
+def test_a_model_with_discrete_codes_is_refused_at_start(tmp_path):
+    from tests.conftest import tiny_config
+    from vaelab.config import ConfigError
+
+    cfg = tiny_config("model.name=vq_vae", "model.code_dim=1", "model.codebook_size=16",
+                      "data.subset=100", "data.size=8", "train.epochs=1")  # fmt: skip
+    run = vaelab.train(cfg, tmp_path / "vq")
+    with pytest.raises(ConfigError, match="'vq_vae' decodes discrete codes, which the latent"):
+        serve.load_runs([run])

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.serve_runs import make_runs
+from tests.serve_runs import make_cvae_run, make_runs
 from vaelab import serve
 
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
@@ -204,3 +204,36 @@ def test_decoder_only_panel_has_sliders_and_no_upload(served, browser):
     assert len(panel.find_elements(By.CSS_SELECTOR, ".sliders input[type=range]")) == 3
     assert panel.find_element(By.CSS_SELECTOR, '[data-r="file"]').get_attribute("disabled")
     assert "no encoder" in panel.find_element(By.CSS_SELECTOR, '[data-r="upload-note"]').text
+
+
+def test_a_cvae_panel_decodes_what_its_condition_says(browser, tmp_path):
+    """A conditional run gets a choice per variable (here the digit, starting at the data's
+    most common); choosing another re-decodes the sliders' image and the samples under it."""
+    if os.environ.get("VAELAB_SERVE_RUN"):
+        pytest.skip("serves the given runs only")
+    run = make_cvae_run(tmp_path)
+    driver = browser
+    with serve.serving(serve.load_runs([run])) as url:
+        driver.get(url)
+        wait_for(driver, "return document.body.dataset.ready === 'true'")
+        panel = driver.find_element(By.CSS_SELECTOR, '.panel[data-run="cvae"]')
+        choice = panel.find_element(By.CSS_SELECTOR, 'select[data-variable="label"]')
+        assert panel.find_element(By.CSS_SELECTOR, '[data-r="condition-box"]').is_displayed()
+        images = {}
+        for name in ("decoded", "samples"):
+            wait_for(
+                driver, f"return document.querySelector('.panel [data-r={name}]').dataset.serial"
+            )
+            images[name] = panel.find_element(By.CSS_SELECTOR, f'[data-r="{name}"]')
+        before = {name: pixels(driver, img) for name, img in images.items()}
+        serials = {name: int(img.get_attribute("data-serial")) for name, img in images.items()}
+        other = "3" if choice.get_attribute("value") != "3" else "4"
+        driver.execute_script(
+            "arguments[0].value = arguments[1]; arguments[0].dispatchEvent(new Event('change'));",
+            choice, other,
+        )  # fmt: skip
+        for name, img in images.items():
+            now = f"Number(document.querySelector('.panel [data-r={name}]').dataset.serial)"
+            wait_for(driver, f"return {now} > {serials[name]}")
+            assert pixels(driver, img) != before[name], name
+        assert panel.find_element(By.CSS_SELECTOR, '[data-r="error"]').get_attribute("hidden")

@@ -151,16 +151,17 @@ def _all(y: Tensor, *held: GenerativeModel | None) -> Iterator[None]:
         yield
 
 
-def parse(pairs: Sequence[str], known: Variables) -> dict[int, int]:
+def parse(pairs: Sequence[str], known: Variables, what: str = "--condition") -> dict[int, int]:
     """``--condition name=value`` options to {variable position: value}; a ConfigError naming
-    the option. An attribute's value may be written 1 (present) or 0 / -1 (absent)."""
+    the option (``what``: how the caller's user wrote it). An attribute's value may be written 1
+    (present) or 0 / -1 (absent)."""
     names = [n for n, _ in known]
     fixed: dict[int, int] = {}
     for pair in pairs:
         name, sep, value = pair.partition("=")
         if not sep or name not in names:
             raise ConfigError(
-                f"--condition {pair}: expected NAME=VALUE with NAME one of: {', '.join(names)}"
+                f"{what} {pair}: expected NAME=VALUE with NAME one of: {', '.join(names)}"
             )
         i = names.index(name)
         size = known[i][1]
@@ -171,11 +172,19 @@ def parse(pairs: Sequence[str], known: Variables) -> dict[int, int]:
         if size == 2 and v == -1:
             v = 0
         if not 0 <= v < size:
-            raise ConfigError(
-                f"--condition {pair}: expected an integer from 0 to {size - 1} for {name}"
-            )
+            raise ConfigError(f"{what} {pair}: expected an integer from 0 to {size - 1} for {name}")
         fixed[i] = v
     return fixed
+
+
+def typical(dataset: ImageDataset | None, known: Variables, kind: str) -> list[int]:
+    """The most common value of each variable among ``dataset``'s images (0 for every variable
+    without a dataset): a condition to start from where the user has not chosen one."""
+    if dataset is None or len(dataset) == 0:
+        return [0] * len(known)
+    table = indices(dataset, kind, slice(None))
+    return [int(np.bincount(table[:, i], minlength=size).argmax()) for i, (_, size) in
+            enumerate(known)]  # fmt: skip
 
 
 def draw(

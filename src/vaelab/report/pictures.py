@@ -37,12 +37,18 @@ def samples(
     mixture: LatentMixture | CodeSampler | None = None,
     data: ImageDataset | None = None,
     fixed: dict[int, int] | None = None,
+    condition: Tensor | None = None,
 ) -> Tensor:
     """n decoder means for z ~ N(0, temperature^2 I), or for z from a post-hoc ``mixture``
     (``vaelab.samplers``: its components' spread scaled by the temperature). A conditional
     model samples under conditions drawn from ``data`` with the variables ``fixed`` held
-    (``conditions.draw``)."""
-    with conditions.drawn(model, data, n, fixed, seed):
+    (``conditions.draw``), or all n under one ``condition`` (V,) when it is given."""
+    under = (
+        model.given(condition[None].expand(n, -1))
+        if condition is not None
+        else conditions.drawn(model, data, n, fixed, seed)
+    )
+    with under:
         if mixture is not None:
             param = next(model.parameters())
             z = mixture.sample(n, temperature, seed).to(param.device, param.dtype)

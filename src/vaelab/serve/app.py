@@ -34,7 +34,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from vaelab import samplers
+from vaelab import conditions, samplers
+from vaelab.config import ConfigError
 from vaelab.serve import runs as served
 from vaelab.serve.runs import BadInput, Engine, ServedRun
 
@@ -188,6 +189,33 @@ def latent(value: Any, run: ServedRun, what: str = "z") -> torch.Tensor:
     return torch.tensor(numbers, dtype=torch.float32)
 
 
+def condition(value: Any, run: ServedRun) -> torch.Tensor | None:
+    """A cvae's condition (V,) from a request: ``{"name": value, ...}`` in a JSON body, or
+    ``condition=name=value`` (repeated) in a query; the variables not named keep the run's
+    default (``ServedRun.default_condition``). None for a model without conditions, which is
+    refused one."""
+    given = bool(value) if isinstance(value, dict | list) else value is not None
+    if not run.conditions:
+        if given:
+            raise BadInput(400, f"'condition': run '{run.name}' ({run.model.cfg.name}) is not "
+                           "conditional")  # fmt: skip
+        return None
+    if isinstance(value, dict):
+        value = [f"{k}={v}" for k, v in value.items()]
+    elif value is None:
+        value = []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise BadInput(400, "'condition': expected {\"NAME\": VALUE, ...}")
+    try:
+        fixed = conditions.parse(value, run.conditions, "'condition'")
+    except ConfigError as err:
+        raise BadInput(400, str(err)) from None
+    y = list(run.default_condition)
+    for i, v in fixed.items():
+        y[i] = v
+    return torch.tensor(y, dtype=torch.int64)
+
+
 # -- the app ---------------------------------------------------------------------------------
 
 
@@ -266,7 +294,8 @@ def create_app(
     async def decode(request: Request) -> Response:
         body = await json_body(request)
         run = get_run(body.get("run"))
-        return png(await engine.decode(run, latent(body.get("z"), run)))
+        z, y = latent(body.get("z"), run), condition(body.get("condition"), run)
+        return png(await engine.decode(run, z, y))
 
     async def sample(request: Request) -> Response:
         q = request.query_params
@@ -285,7 +314,8 @@ def create_app(
                 400, f"run '{run.name}' has no post-hoc sampler fitted to its weights (make one: "
                 f"vaelab sample {run.path} --sampler gmm --out FILE.png)",
             )  # fmt: skip
-        return png(await engine.call(served.samples_png, run, n, temperature, seed, sampler))
+        y = condition(q.getlist("condition"), run)
+        return png(await engine.call(served.samples_png, run, n, temperature, seed, sampler, y))
 
     async def image_of(request: Request, run: ServedRun) -> torch.Tensor:
         return served.upload_to_tensor(await upload(request, max_upload), run)
@@ -293,14 +323,16 @@ def create_app(
     async def reconstruct(request: Request) -> Response:
         run = get_run(request.query_params.get("run"))
         run.need_encoder("reconstruct an image")
+        y = condition(request.query_params.getlist("condition"), run)
         x = await image_of(request, run)
-        return png(await engine.call(served.reconstruct_png, run, x))
+        return png(await engine.call(served.reconstruct_png, run, x, y))
 
     async def encode(request: Request) -> JSONResponse:
         run = get_run(request.query_params.get("run"))
         run.need_encoder("encode an image")
+        y = condition(request.query_params.getlist("condition"), run)
         x = await image_of(request, run)
-        return JSONResponse(await engine.call(served.encode_upload, run, x))
+        return JSONResponse(await engine.call(served.encode_upload, run, x, y))
 
     async def endpoint_latent(run: ServedRun, spec: Any, what: str) -> torch.Tensor:
         if isinstance(spec, dict) and set(spec) == {"z"}:
@@ -316,9 +348,10 @@ def create_app(
         body = await json_body(request)
         run = get_run(body.get("run"))
         steps = integer(body.get("steps", 8), "'steps'", 2, MAX_STEPS)
+        y = condition(body.get("condition"), run)
         a = await endpoint_latent(run, body.get("from"), "from")
         b = await endpoint_latent(run, body.get("to"), "to")
-        return png(await engine.call(served.interpolation_png, run, a, b, steps))
+        return png(await engine.call(served.interpolation_png, run, a, b, steps, y))
 
     async def val_image(request: Request) -> Response:
         run = get_run(request.query_params.get("run"))

@@ -16,6 +16,7 @@ shared between requests, and decodes the latents of concurrent requests as one b
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import math
 from collections.abc import Callable
@@ -29,7 +30,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from vaelab import data, rundir, samplers, speed
+from vaelab import conditions, data, rundir, samplers, speed
 from vaelab.checkpoint import CheckpointError, load, read_json, run_config
 from vaelab.config import ConfigError, RunConfig
 from vaelab.data.base import to_float
@@ -41,6 +42,7 @@ from vaelab.report.draw import run_split
 from vaelab.report.figures import image_grid, to_uint8
 
 T = TypeVar("T")
+Queued = tuple["ServedRun", Tensor, Tensor | None, "asyncio.Future[bytes]"]  # a decode waiting
 
 # What an upload may be: the formats vaelab's data sources read (data.images.EXTENSIONS).
 UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP", "BMP")
@@ -73,6 +75,7 @@ class ServedRun:
     mixture: samplers.LatentMixture | None
     val: data.ImageDataset | None
     val_note: str  # why there are no validation images, or where they come from
+    default_condition: list[int]  # a cvae's condition where a request gives none ([] for others)
     codes: np.ndarray | None = field(default=None, repr=False)  # cached posterior means
 
     @property
@@ -86,6 +89,17 @@ class ServedRun:
     @property
     def has_encoder(self) -> bool:
         return self.model.has_encoder
+
+    @property
+    def conditions(self) -> conditions.Variables:
+        """A conditional model's variables, (name, number of values) each; () for others."""
+        return self.model.conditions
+
+    def under(self, y: Tensor | None, n: int) -> contextlib.AbstractContextManager[None]:
+        """Give a conditional model the condition y (V,) for a batch of n; nothing for others."""
+        if not self.conditions or y is None:
+            return contextlib.nullcontext()
+        return self.model.given(y[None].expand(n, -1))
 
     @property
     def upload_crop(self) -> int:
@@ -110,6 +124,13 @@ class ServedRun:
             "dims": dims,
             "dims_order": self.order_source,
             "evaluation": self.evaluation,
+            "condition_on": self.model.condition_on or None,
+            "conditions": [
+                {"name": name, "size": size, "default": default}
+                for (name, size), default in zip(
+                    self.conditions, self.default_condition, strict=True
+                )
+            ],
             "samplers": ["prior"] + (["gmm"] if self.mixture is not None else []),
             "gmm": None if self.mixture is None else self.mixture.info,
             "val": {
@@ -232,20 +253,22 @@ def load_run(path: str | Path, name: str) -> ServedRun:
     path = Path(path)
     model = load(path)  # first: it names what is missing from a folder that is no run
     cfg = run_config(path)
-    if not model.continuous_latent or model.conditions:
-        kind = "a condition" if model.conditions else "discrete codes"
+    if not model.continuous_latent:
         raise ConfigError(
-            f"run '{path}': model '{model.cfg.name}' decodes {kind}, which the latent explorer "
-            "has no sliders for; it serves models with a continuous, unconditional latent"
+            f"run '{path}': model '{model.cfg.name}' decodes discrete codes, which the latent "
+            "explorer has no sliders for; it serves models with a continuous latent"
         )
     fast = speed.for_sampling(model, cfg.train.channels_last)
     evaluation = read_evaluation(path)
     val, note = _validation(path, model)
     with torch.inference_mode():
         order, kl, source = dimension_order(model, evaluation, val)
+    default = conditions.typical(val, model.conditions, model.condition_on) if (
+        model.conditions) else []  # fmt: skip
     return ServedRun(
-        name, path, fast, cfg, order, kl, source, evaluation, _mixture(path, model), val, note
-    )
+        name, path, fast, cfg, order, kl, source, evaluation, _mixture(path, model), val, note,
+        default,
+    )  # fmt: skip
 
 
 def load_runs(paths: list[str | Path]) -> list[ServedRun]:
@@ -311,20 +334,21 @@ class Engine:
     def __init__(self, max_batch: int = 64) -> None:
         self.max_batch = max_batch
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="vaelab-model")
-        self.queue: asyncio.Queue[tuple[ServedRun, Tensor, asyncio.Future[bytes]]] | None = None
+        self.queue: asyncio.Queue[Queued] | None = None
         self.task: asyncio.Task[None] | None = None
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` on the model thread, under ``torch.inference_mode``."""
         return await asyncio.get_running_loop().run_in_executor(self.executor, _inference, fn, args)
 
-    async def decode(self, run: ServedRun, z: Tensor) -> bytes:
-        """The PNG of the decoder's mean image for one latent z (d,)."""
+    async def decode(self, run: ServedRun, z: Tensor, y: Tensor | None = None) -> bytes:
+        """The PNG of the decoder's mean image for one latent z (d,) (under a cvae's
+        condition y (V,))."""
         if self.queue is None or self.task is None or self.task.done():
             self.queue = asyncio.Queue()
             self.task = asyncio.get_running_loop().create_task(self._batches())
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        await self.queue.put((run, z, future))
+        await self.queue.put((run, z, y, future))
         return await future
 
     async def _batches(self) -> None:
@@ -337,13 +361,13 @@ class Engine:
             for run in {id(item[0]): item[0] for item in items}.values():
                 mine = [item for item in items if item[0] is run]
                 try:
-                    pngs = await self.call(_decode_batch, run, [z for _, z, _ in mine])
+                    pngs = await self.call(_decode_batch, run, [(z, y) for _, z, y, _ in mine])
                 except Exception as err:  # each waiting request gets the error
-                    for _, _, future in mine:
+                    for *_, future in mine:
                         if not future.done():
                             future.set_exception(err)
                     continue
-                for (_, _, future), data_png in zip(mine, pngs, strict=True):
+                for (*_, future), data_png in zip(mine, pngs, strict=True):
                     if not future.done():  # a client that went away cancelled its future
                         future.set_result(data_png)
 
@@ -358,16 +382,23 @@ def _inference(fn: Callable[..., T], args: tuple[Any, ...]) -> T:
         return fn(*args)
 
 
-def _decode_batch(run: ServedRun, latents: list[Tensor]) -> list[bytes]:
+def _decode_batch(run: ServedRun, latents: list[tuple[Tensor, Tensor | None]]) -> list[bytes]:
     param = next(run.model.parameters())
-    z = torch.stack(latents).to(param.device, param.dtype)  # (B, d)
-    return [png(a) for a in to_uint8(run.model.decode(z))]
+    z = torch.stack([z for z, _ in latents]).to(param.device, param.dtype)  # (B, d)
+    under = contextlib.nullcontext()
+    if run.conditions:  # each latent with its own request's condition
+        under = run.model.given(torch.stack([y for _, y in latents]))  # type: ignore[misc]
+    with under:
+        return [png(a) for a in to_uint8(run.model.decode(z))]
 
 
-def samples_png(run: ServedRun, n: int, temperature: float, seed: int, sampler: str) -> bytes:
-    """A grid of n samples (``report.pictures.samples``: the prior, or the run's mixture)."""
+def samples_png(
+    run: ServedRun, n: int, temperature: float, seed: int, sampler: str, y: Tensor | None = None
+) -> bytes:
+    """A grid of n samples (``report.pictures.samples``: the prior, or the run's mixture), all
+    under a cvae's condition y (V,)."""
     mixture = run.mixture if sampler == "gmm" else None
-    images = pictures.samples(run.model, n, temperature, seed, mixture)
+    images = pictures.samples(run.model, n, temperature, seed, mixture, condition=y)
     return grid_png(images, math.ceil(math.sqrt(n)))
 
 
@@ -376,17 +407,20 @@ def val_png(run: ServedRun, index: int) -> bytes:
 
 
 def val_latent(run: ServedRun, index: int) -> Tensor:
-    """The posterior mean of validation image ``index``, (d,)."""
+    """The posterior mean of validation image ``index``, (d,) (a cvae's given the image's own
+    condition)."""
     return pictures.latents(run.model, run.need_val(), np.array([index]))[0].float().cpu()
 
 
-def encode_upload(run: ServedRun, x: Tensor) -> dict[str, Any]:
-    """The posterior of an upload: its mean and standard deviation per dimension (for
-    iaf_vae, its flow's base Gaussian), and the image as the model saw it (a PNG data URI)."""
+def encode_upload(run: ServedRun, x: Tensor, y: Tensor | None = None) -> dict[str, Any]:
+    """The posterior of an upload (given a cvae's condition y (V,)): its mean and standard
+    deviation per dimension (for iaf_vae, its flow's base Gaussian), and the image as the model
+    saw it (a PNG data URI)."""
     import base64
 
     param = next(run.model.parameters())
-    q = run.model.encode(x.to(param.device, param.dtype))
+    with run.under(y, 1):
+        q = run.model.encode(x.to(param.device, param.dtype))
     seen = base64.b64encode(png(to_uint8(x)[0])).decode("ascii")
     return {
         "z": q.mode()[0].float().cpu().tolist(),
@@ -395,19 +429,24 @@ def encode_upload(run: ServedRun, x: Tensor) -> dict[str, Any]:
     }
 
 
-def reconstruct_png(run: ServedRun, x: Tensor) -> bytes:
-    """The decoder's mean at the posterior mean (``GenerativeModel.reconstruct``)."""
+def reconstruct_png(run: ServedRun, x: Tensor, y: Tensor | None = None) -> bytes:
+    """The decoder's mean at the posterior mean (``GenerativeModel.reconstruct``), under a
+    cvae's condition y (V,) (encoder and decoder both)."""
     param = next(run.model.parameters())
-    return png(to_uint8(run.model.reconstruct(x.to(param.device, param.dtype)))[0])
+    with run.under(y, 1):
+        return png(to_uint8(run.model.reconstruct(x.to(param.device, param.dtype)))[0])
 
 
-def interpolation_png(run: ServedRun, a: Tensor, b: Tensor, steps: int) -> bytes:
+def interpolation_png(
+    run: ServedRun, a: Tensor, b: Tensor, steps: int, y: Tensor | None = None
+) -> bytes:
     """``steps`` decoded points on the line from latent a to latent b, both ends included, as
-    one row (the line ``vaelab interpolate`` walks)."""
+    one row (the line ``vaelab interpolate`` walks), under a cvae's condition y (V,)."""
     t = torch.linspace(0, 1, steps)[:, None]  # (S, 1)
     path = a[None] * (1 - t) + b[None] * t  # (S, d)
     param = next(run.model.parameters())
-    return grid_png(run.model.decode(path.to(param.device, param.dtype)), steps)
+    with run.under(y, steps):
+        return grid_png(run.model.decode(path.to(param.device, param.dtype)), steps)
 
 
 def val_codes(run: ServedRun) -> dict[str, Any]:

@@ -39,10 +39,11 @@ async function showPng(img, response) {
 }
 
 // Decodes the latest latent asked for: one request in flight at a time, and a slider that moved
-// while it was out is decoded next (never a queue of stale positions).
+// while it was out is decoded next (never a queue of stale positions). `extra()`: the request's
+// other fields (a conditional run's condition).
 class LiveDecoder {
-  constructor(run, img, onDone, onError) {
-    Object.assign(this, { run, img, onDone, onError, wanted: null, busy: false });
+  constructor(run, img, onDone, onError, extra = () => ({})) {
+    Object.assign(this, { run, img, onDone, onError, extra, wanted: null, busy: false });
   }
   request(z) {
     this.wanted = z.slice();
@@ -55,7 +56,8 @@ class LiveDecoder {
       this.wanted = null;
       const start = performance.now();
       try {
-        await showPng(this.img, await postJson("/api/decode", { run: this.run, z }));
+        await showPng(this.img,
+          await postJson("/api/decode", { run: this.run, z, ...this.extra() }));
         this.onDone(performance.now() - start);
       } catch (err) { this.onError(err); }
     }
@@ -74,10 +76,13 @@ class Panel {
     this.ends = { a: null, b: null }; // {val: i} or {z: [...]}, with .latent once known
     this.seed = 0;
     this.uploadZ = null;
+    // a conditional run's condition, {variable: value}, sent with every request that decodes
+    this.condition = Object.fromEntries(run.conditions.map((c) => [c.name, c.default]));
     this.decoder = new LiveDecoder(run.name, this.r("decoded"),
       (ms) => { this.r("decode-time").textContent = `decoded in ${ms.toFixed(0)} ms`; },
-      (err) => this.fail(err));
+      (err) => this.fail(err), () => this.conditionBody());
     this.header();
+    this.conditions();
     this.evaluation();
     this.sliders();
     this.samples();
@@ -97,6 +102,47 @@ class Panel {
     this.r("name").textContent = run.name;
     this.r("what").textContent =
       `${run.model}, latent_dim ${run.latent_dim}, images ${channels}x${height}x${width}`;
+  }
+
+  conditionBody() {
+    return this.run.conditions.length ? { condition: { ...this.condition } } : {};
+  }
+
+  // A query string of `params` and the run's condition (condition=NAME=VALUE, repeated).
+  where(params) {
+    const q = new URLSearchParams(params);
+    for (const [name, value] of Object.entries(this.condition)) {
+      q.append("condition", `${name}=${value}`);
+    }
+    return q.toString();
+  }
+
+  // One choice per variable of a conditional run (cvae); a change re-decodes everything shown.
+  conditions() {
+    const { run } = this;
+    if (!run.conditions.length) return;
+    this.r("condition-box").hidden = false;
+    this.r("condition-note").textContent = "Every image below (sliders, samples, walk, your " +
+      `image) is decoded given this condition (model.condition_on=${run.condition_on}); ` +
+      "it starts at each variable's most common value in the data.";
+    for (const { name, size } of run.conditions) {
+      const select = document.createElement("select");
+      select.dataset.variable = name;
+      for (let v = 0; v < size; v += 1) {
+        const text = run.condition_on === "attributes" ? (v ? "yes" : "no") : String(v);
+        select.append(new Option(text, String(v)));
+      }
+      select.value = String(this.condition[name]);
+      select.addEventListener("change", () => {
+        this.condition[name] = Number(select.value);
+        this.decoder.request(this.z);
+        if (this.drawSamples) this.drawSamples();
+        this.walkStrip();
+      });
+      const label = document.createElement("label");
+      label.append(`${name} `, select);
+      this.r("condition").append(label);
+    }
   }
 
   evaluation() {
@@ -183,9 +229,10 @@ class Panel {
       this.r("temperature-value").textContent = Number(temperature.value).toFixed(2);
       const params = { run: this.run.name, n: this.r("n").value, temperature: temperature.value,
         seed: this.seed, sampler: select.value };
-      try { await showPng(this.r("samples"), await api(`/api/sample?${query(params)}`)); }
+      try { await showPng(this.r("samples"), await api(`/api/sample?${this.where(params)}`)); }
       catch (err) { this.fail(err); }
     };
+    this.drawSamples = draw;
     temperature.addEventListener("change", draw);
     temperature.addEventListener("input", () => {
       this.r("temperature-value").textContent = Number(temperature.value).toFixed(2);
@@ -222,7 +269,7 @@ class Panel {
         const file = e.target.files[0];
         if (!file) return;
         try {
-          const code = await (await api(`/api/encode?${query({ run: run.name })}`,
+          const code = await (await api(`/api/encode?${this.where({ run: run.name })}`,
             { method: "POST", body: file })).json();
           this.setEnd(end, { z: code.z }, code.input_png, null);
         } catch (err) { this.fail(err); }
@@ -235,7 +282,8 @@ class Panel {
       this.setEnd("b", { val: run.val.shown[run.val.shown.length - 1] },
         thumbs[thumbs.length - 1].src, thumbs[thumbs.length - 1]);
     }
-    this.walker = new LiveDecoder(run.name, this.r("walk"), () => {}, (err) => this.fail(err));
+    this.walker = new LiveDecoder(run.name, this.r("walk"), () => {}, (err) => this.fail(err),
+      () => this.conditionBody());
   }
 
   async setEnd(end, spec, src, thumb) {
@@ -245,13 +293,16 @@ class Panel {
     const latent = spec.z || (await (await api(
       `/api/val/latent?${query({ run: this.run.name, index: spec.val })}`)).json()).z;
     this.ends[end] = { spec, latent };
-    if (this.ends.a && this.ends.b) {
-      try {
-        await showPng(this.r("strip"), await postJson("/api/interpolate",
-          { run: this.run.name, from: this.ends.a.spec, to: this.ends.b.spec, steps: 10 }));
-        this.walkPoint();
-      } catch (err) { this.fail(err); }
-    }
+    await this.walkStrip();
+  }
+
+  async walkStrip() {
+    if (!(this.ends.a && this.ends.b)) return;
+    try {
+      await showPng(this.r("strip"), await postJson("/api/interpolate", { run: this.run.name,
+        from: this.ends.a.spec, to: this.ends.b.spec, steps: 10, ...this.conditionBody() }));
+      this.walkPoint();
+    } catch (err) { this.fail(err); }
   }
 
   walkPoint() {
@@ -276,7 +327,7 @@ class Panel {
     this.r("file").addEventListener("change", async (e) => {
       const file = e.target.files[0];
       if (!file) return;
-      const where = `?${query({ run: run.name })}`;
+      const where = `?${this.where({ run: run.name })}`;
       try {
         const [code, recon] = await Promise.all([
           api(`/api/encode${where}`, { method: "POST", body: file }).then((r) => r.json()),
