@@ -14,10 +14,10 @@ from torch.distributions import MultivariateNormal, Normal
 
 import vaelab
 from tests.conftest import posterior_draw, tiny_config, tiny_splits
-from vaelab import ais, gap, losses
+from vaelab import ais, gap, losses, samplers
 from vaelab.ais import prior_energy
 from vaelab.config import ConfigError
-from vaelab.evaluate import evaluate, simulated_bdmc
+from vaelab.evaluate import evaluate, posterior_means, simulated_bdmc
 from vaelab.models import MODELS, build, priors
 from vaelab.models.vamp_vae import VampVAE
 
@@ -317,6 +317,14 @@ def test_a_vamp_run_trains_loads_and_evaluates_with_is_and_ais(tmp_path):
     assert result["active_units"] >= 0
     x, lower, upper = simulated_bdmc(model, 3, steps=3, chains=2)
     assert x.shape == (3, *SHAPE) and torch.isfinite(lower).all() and torch.isfinite(upper).all()
+    # The post-hoc sampler's fit is measured against the model's own (learned) prior.
+    mixture = samplers.gmm(run, model, splits.train, splits.val, components=2)
+    codes = torch.from_numpy(posterior_means(model, splits.val)).double()
+    with torch.no_grad():
+        learned = float(model.prior.log_prob(codes.float()).double().mean())
+    standard = float((-0.5 * codes**2 - 0.5 * math.log(2 * math.pi)).sum(1).mean())
+    assert mixture.info["val_log_density_prior"] == pytest.approx(learned, abs=1e-5)
+    assert abs(learned - standard) > 0.01  # not N(0, I)'s
 
 
 def test_two_processes_train_what_one_does(tmp_path):

@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ from vaelab import conditions, rundir
 from vaelab.checkpoint import CheckpointError, _read_safetensors, weights_metadata
 from vaelab.config import ConfigError
 from vaelab.data import ImageDataset
+from vaelab.models import priors
 from vaelab.models.base import GenerativeModel
 from vaelab.models.iaf_vae import MaskedLinear
 from vaelab.rng import seeded
@@ -119,10 +121,15 @@ def path(run: str | Path, components: int) -> Path:
 
 
 def fit(
-    codes: np.ndarray, components: int = COMPONENTS, seed: int = SEED, val: np.ndarray | None = None
+    codes: np.ndarray,
+    components: int = COMPONENTS,
+    seed: int = SEED,
+    val: np.ndarray | None = None,
+    prior: Callable[[Tensor], Tensor] | None = None,
 ) -> LatentMixture:
     """A Gaussian mixture with full covariances fitted by EM (scikit-learn) to ``codes``
-    (N, d); ``val`` codes, when given, measure the fit (``info``)."""
+    (N, d); ``val`` codes, when given, measure the fit (``info``): their mean log-density under
+    the mixture and under ``prior`` (a model's ``prior.log_prob``; N(0, I) when not given)."""
     from sklearn.mixture import GaussianMixture
 
     codes = np.asarray(codes, dtype=np.float64)
@@ -140,9 +147,9 @@ def fit(
     )  # fmt: skip
     if val is not None:
         z = torch.from_numpy(np.asarray(val, dtype=np.float64))
-        prior = -0.5 * (z**2).sum(1) - 0.5 * z.shape[1] * math.log(2 * math.pi)
+        under = prior or priors.StandardNormal(z.shape[1]).log_prob
         mixture.info["val_log_density"] = float(mixture.log_prob(z).mean())
-        mixture.info["val_log_density_prior"] = float(prior.mean())
+        mixture.info["val_log_density_prior"] = float(under(z).double().mean())
     return mixture
 
 
@@ -175,10 +182,23 @@ def gmm(
         return saved
     step = weights_metadata(run).get("step")
     codes = posterior_means(model, train)
-    mixture = fit(codes, components, SEED, None if val is None else posterior_means(model, val))
+    val_codes = None if val is None else posterior_means(model, val)
+    mixture = fit(codes, components, SEED, val_codes, _prior_log_prob(model))
     mixture.info["step"] = step
     mixture.save(path(run, components))
     return mixture
+
+
+def _prior_log_prob(model: GenerativeModel) -> Callable[[Tensor], Tensor]:
+    """log p(z) under the model's own prior (a learned one, vamp_vae's, included), for codes
+    (N, d) in float64 on the CPU."""
+    param = next(model.parameters())
+
+    def log_prob(z: Tensor) -> Tensor:
+        with torch.no_grad():
+            return model.prior.log_prob(z.to(param.device, param.dtype)).double().cpu()
+
+    return log_prob
 
 
 def saved_gmm(run: str | Path, model: GenerativeModel, components: int) -> LatentMixture | None:
