@@ -325,6 +325,37 @@ def test_quality_with_inception_weights_from_the_cli(run, weights, tmp_path, mon
     assert "inception_weights" not in again and "fid_inception" not in again["train_vs_held_out"]
 
 
+def test_one_quality_call_computes_the_real_images_inception_features_once(
+    run, weights, tmp_path, monkeypatch, small_input
+):
+    """Two runs on the same data: the held-out and training images' Inception features are
+    computed for the first run and given again for the second (only its samples are new), and
+    both runs get the same train-vs-held-out distance."""
+    import shutil
+
+    monkeypatch.setenv("VAELAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(quality, "CLASSIFIER_STEPS", 50)
+    second = tmp_path / "second"
+    shutil.copytree(run, second)
+    sizes = []
+    compute = inception.features
+
+    def counted(net, images, *args, **kwargs):
+        sizes.append(len(images))
+        return compute(net, images, *args, **kwargs)
+
+    monkeypatch.setattr(inception, "features", counted)
+    path = weights[1] / "random.safetensors"
+    assert main(["quality", str(run), str(second), "--images", "12", "--quiet",
+                 "--inception-weights", str(path)]) == 0  # fmt: skip
+    # run 1: held-out, training, prior and gmm samples; run 2: its two samplers only
+    assert sizes == [12] * 6
+    first, again = (
+        json.loads((r / "eval" / "quality_val.json").read_text()) for r in (run, second)
+    )
+    assert first["train_vs_held_out"] == again["train_vs_held_out"]
+
+
 def test_a_bad_weights_file_stops_quality_before_any_work(run, tmp_path, monkeypatch, capsys):
     def never(*args, **kwargs):
         raise AssertionError("worked before checking the weights file")

@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -326,11 +326,25 @@ __all__ = ["InceptionV3", "features", "load", "prepare", "sha256"]
 @dataclass(frozen=True)
 class Weights:
     """The network of a weights file with the file's name and sha256: read and hashed once for
-    every run a ``vaelab quality`` call measures."""
+    every run a ``vaelab quality`` call measures, which also computes the features of the same
+    real images once for all its runs (``features(..., remember=True)``)."""
 
     net: InceptionV3
     file: str
     sha256: str
+    remembered: dict[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
+
+    def features(self, images: Tensor, remember: bool = False) -> np.ndarray:
+        """``features(self.net, images)``; with ``remember``, kept and given again for the same
+        images (the same shape and bytes): the real images several runs share."""
+        if not remember:
+            return features(self.net, images)
+        x = images.detach().cpu().contiguous()
+        key = hashlib.sha256(str((tuple(x.shape), x.dtype)).encode() + x.numpy().tobytes())
+        digest = key.hexdigest()
+        if digest not in self.remembered:
+            self.remembered[digest] = features(self.net, images)
+        return self.remembered[digest]
 
 
 def open_weights(path: str | Path) -> Weights:

@@ -265,7 +265,6 @@ def sample_quality(
     weights = inception_weights
     if weights is not None and not isinstance(weights, inception.Weights):
         weights = inception.open_weights(weights)  # before any work: a bad file is one line
-    inception_net = None if weights is None else weights.net
     model = load(run)
     n = len(held_out) if images is None else images
     if isinstance(n, bool) or not isinstance(n, int) or n < 2:
@@ -278,19 +277,20 @@ def sample_quality(
     start = time.perf_counter()
     net, info = classifier(train, held_out, cache, progress)
 
-    def measure(x: Tensor, what: str) -> dict[str, np.ndarray]:
-        """The features of images ``x`` in each feature space."""
+    def measure(x: Tensor, what: str, real: bool = False) -> dict[str, np.ndarray]:
+        """The features of images ``x`` in each feature space (the Inception features of real
+        images computed once for every run of a ``vaelab quality`` call: ``Weights``)."""
         spaces = {"classifier": features(net, x)}
-        if inception_net is not None:
+        if weights is not None:
             if progress:
                 print(f"  Inception features of {len(x)} {what}", flush=True)
-            spaces["inception"] = inception.features(inception_net, x)
+            spaces["inception"] = weights.features(x, remember=real)
         return spaces
 
     spread = np.linspace(0, len(held_out) - 1, n).round().astype(np.int64)
-    real = measure(held_out.batch(spread), f"{split} images")
+    real = measure(held_out.batch(spread), f"{split} images", real=True)
     pick = np.random.default_rng(SEED).choice(len(train), n, replace=False)
-    floor = measure(train.batch(np.sort(pick)), "training images")
+    floor = measure(train.batch(np.sort(pick)), "training images", real=True)
     result: dict[str, Any] = {
         "feature_space": f"classifier {info.get('digest', '')[:12]} ({FEATURES} features)",
         "classifier_heads": info["heads"],
