@@ -1,6 +1,7 @@
-"""Your own networks: vaelab.nets.register, `--plugin FILE.py`, and the plugin a run records.
+"""Your own networks and models: vaelab.nets.register, vaelab.models.register, `--plugin
+FILE.py`, and the plugin a run records.
 
-The plugin trained here is the one docs/extending.md shows, so the documented file works."""
+The net plugin trained here is the one docs/extending.md shows, so the documented file works."""
 
 import argparse
 import hashlib
@@ -10,6 +11,7 @@ import logging
 import re
 import shutil
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -17,10 +19,11 @@ import torch
 from torch import nn
 
 import vaelab
-from vaelab import checkpoint, nets
+from vaelab import checkpoint, models, nets
 from vaelab.checkpoint import CheckpointError
 from vaelab.cli import build_parser, main, parse_args
-from vaelab.config import NET_UPSAMPLES, ConfigError, load_config
+from vaelab.config import MODEL_CONFIGS, NET_UPSAMPLES, ConfigError, load_config
+from vaelab.models import MODELS, SOURCES, VAE
 from vaelab.nets import BUILT_IN, NETS, ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder
 from vaelab.plugins import PluginError, load_plugin
 from vaelab.trainer import read_metrics
@@ -34,6 +37,36 @@ TINY = [
     "train.progress=false",
 ]
 EVAL = ["--iw-samples", "2", "--images", "16", "--quiet"]
+PLUGIN_MODULES = ("my_nets", "my_model")
+MODEL = "plugin_tc_vae"  # the model of MODEL_PLUGIN; plugin_... names are unregistered per test
+MODEL_PLUGIN = f'''"""my_model.py: a VAE with a term of its own, as model.name={MODEL}."""
+
+from dataclasses import dataclass
+
+import torch
+
+from vaelab.config import ModelConfig
+from vaelab.models import VAE, ModelOutput, StepContext, register
+
+
+@dataclass(frozen=True)
+class TCConfig(ModelConfig):
+    name: str = "{MODEL}"
+    tc_weight: float = 0.5
+
+
+@register("{MODEL}", TCConfig)
+class TCVAE(VAE):
+    def forward(self, x: torch.Tensor, ctx: StepContext | None = None) -> ModelOutput:
+        out = super().forward(x, ctx)
+        tc = out.posterior.mu.square().sum(-1)
+        return ModelOutput(
+            loss=out.loss + self.cfg.tc_weight * tc,
+            elbo=out.elbo,
+            terms={{**out.terms, "tc": tc}},
+            posterior=out.posterior,
+        )
+'''
 
 
 def documented_plugin() -> str:
@@ -48,11 +81,16 @@ def documented_plugin() -> str:
 
 
 def forget_plugins() -> None:
-    """Unregister every net that is not built in, and forget the plugin modules imported."""
+    """Unregister every net that is not built in and every model of this module (named
+    plugin_...), and forget the plugin modules imported."""
     for name in set(NETS) - BUILT_IN:
         del NETS[name]
         del NET_UPSAMPLES[name]
-    for module in [m for m in sys.modules if m.startswith("_vaelab_plugin_") or m == "my_nets"]:
+    for name in [n for n in MODELS if n.startswith("plugin_")]:
+        del MODELS[name], MODEL_CONFIGS[name]
+        SOURCES.pop(name, None)
+    imported = [m for m in sys.modules if m.startswith("_vaelab_plugin_") or m in PLUGIN_MODULES]
+    for module in imported:
         del sys.modules[module]
     checkpoint._WARNED.clear()
 
@@ -305,3 +343,148 @@ def test_config_prints_a_plugin_net(trained, capsys):
     _, plugin = trained
     assert main(["config", "--plugin", str(plugin), "model.net=mine", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["model"]["net"] == "mine"
+
+
+# -- a model of a plugin: vaelab.models.register in a file passed with --plugin ----------------
+
+
+@pytest.fixture(scope="module")
+def trained_model(tmp_path_factory):
+    """A run of model.name=plugin_tc_vae, trained from the command line with its plugin."""
+    folder = tmp_path_factory.mktemp("plugin_model")
+    plugin = folder / "my_model.py"
+    plugin.write_text(MODEL_PLUGIN, encoding="utf-8")
+    run = folder / "run"
+    forget_plugins()
+    args = ["--out", str(run), f"model.name={MODEL}", "model.tc_weight=2", *TINY]
+    assert main(["train", "--plugin", str(plugin), *args]) == 0
+    forget_plugins()
+    return run, plugin
+
+
+def test_a_plugin_model_trains_and_the_run_records_its_file(trained_model):
+    run, plugin = trained_model
+    info = json.loads((run / "config.json").read_text())
+    digest = hashlib.sha256(plugin.read_bytes()).hexdigest()
+    assert info["model"]["name"] == MODEL and info["model"]["tc_weight"] == 2
+    assert info["plugins"] == [{"model": MODEL, "file": "my_model.py", "sha256": digest}]
+    assert "tc" in read_metrics(run)[-1] and read_metrics(run)[-1]["epoch"] == 1
+    assert (
+        f"  name: {MODEL}  # from the plugin my_model.py (sha256 {digest}): pass --plugin "
+        "my_model.py"
+    ) in (run / "config.yaml").read_text()
+
+
+def test_loading_a_plugin_model_without_the_plugin_is_a_one_line_error(trained_model, capsys):
+    run, _ = trained_model
+    expected = (
+        f"vaelab: error: '{run / 'config.json'}': model.name '{MODEL}' comes from the plugin "
+        "my_model.py: pass --plugin my_model.py (in Python: import it before loading)"
+    )
+    assert main(["evaluate", str(run), *EVAL]) == 2
+    assert one_line_error(capsys) == expected
+    assert main(["sample", str(run), "--out", str(run.parent / "s.png")]) == 2
+    assert one_line_error(capsys) == expected
+    assert main(["train", "--resume", str(run), "train.epochs=2"]) == 2
+    assert one_line_error(capsys) == expected
+    assert not (run.parent / "s.png").exists() and read_metrics(run)[-1]["epoch"] == 1
+    with pytest.raises(CheckpointError, match="model.name 'plugin_tc_vae' comes from the plugin"):
+        vaelab.load(run)
+    with pytest.raises(CheckpointError, match="pass --plugin my_model.py"):
+        checkpoint.run_config(run)
+
+
+def test_with_the_plugin_a_plugin_model_run_evaluates_resumes_and_loads(
+    trained_model, tmp_path, monkeypatch, capsys
+):
+    run, plugin = trained_model
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    assert main(["evaluate", str(copy), "--plugin", str(plugin), *EVAL]) == 0
+    assert json.loads((copy / "eval" / "val.json").read_text())["num_images"] == 16
+    assert main(["train", "--resume", str(copy), "--plugin", str(plugin), "train.epochs=2"]) == 0
+    assert [r["epoch"] for r in read_metrics(copy) if r["split"] == "val"] == [1, 2]
+    assert json.loads((copy / "config.json").read_text())["plugins"][0]["model"] == MODEL
+    assert "vaelab: error" not in capsys.readouterr().err
+    # in Python: import the file, then load
+    forget_plugins()
+    monkeypatch.syspath_prepend(str(plugin.parent))
+    importlib.import_module("my_model")  # `import my_model`
+    model = vaelab.load(copy)
+    assert type(model).__name__ == "TCVAE" and model.cfg.tc_weight == 2
+    assert models.plugin_record(MODEL) == {
+        "model": MODEL,
+        "file": "my_model.py",
+        "sha256": hashlib.sha256(plugin.read_bytes()).hexdigest(),
+    }
+
+
+def test_a_changed_plugin_model_warns_once_and_loads(trained_model, tmp_path, caplog, capsys):
+    run, plugin = trained_model
+    changed = tmp_path / "my_model.py"
+    changed.write_text(plugin.read_text() + "# a comment: another digest\n")
+    with caplog.at_level(logging.WARNING, logger="vaelab"):
+        assert main(["evaluate", str(run), "--plugin", str(changed), *EVAL]) == 0
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    old = hashlib.sha256(plugin.read_bytes()).hexdigest()[:12]
+    new = hashlib.sha256(changed.read_bytes()).hexdigest()[:12]
+    assert f"model.name '{MODEL}': the plugin my_model.py changed since the run was trained" in (
+        warning
+    )
+    assert old in warning and new in warning and "loading it anyway" in warning
+    assert "\n" not in warning and "vaelab: error" not in capsys.readouterr().err
+
+
+def test_a_run_of_a_plugin_model_and_a_plugin_net_records_both(trained, tmp_path, capsys):
+    _, nets_file = trained
+    model_file = tmp_path / "my_model.py"
+    model_file.write_text(MODEL_PLUGIN)
+    run = tmp_path / "run"
+    both = ["--plugin", str(model_file), "--plugin", str(nets_file)]
+    args = ["--out", str(run), f"model.name={MODEL}", "model.net=mine", *TINY]
+    assert main(["train", *both, *args]) == 0
+    digest = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in (model_file, nets_file)}
+    assert json.loads((run / "config.json").read_text())["plugins"] == [
+        {"model": MODEL, "file": "my_model.py", "sha256": digest["my_model.py"]},
+        {"net": "mine", "file": "my_nets.py", "sha256": digest["my_nets.py"]},
+    ]
+    forget_plugins()
+    for given, missing in ((nets_file, "my_model.py"), (model_file, "my_nets.py")):
+        assert main(["evaluate", str(run), "--plugin", str(given), *EVAL]) == 2
+        assert f"pass --plugin {missing} (in Python" in one_line_error(capsys)
+        forget_plugins()
+    assert main(["evaluate", str(run), *both, *EVAL]) == 0
+    assert "vaelab: error" not in capsys.readouterr().err
+
+
+class LinearVAE(VAE):
+    """A model registered from this file, in Python."""
+
+
+class OtherVAE(VAE):
+    pass
+
+
+def test_register_a_model_in_python_records_its_file(runs, tmp_path, monkeypatch):
+    models.register("plugin_linear")(LinearVAE)
+    models.register("plugin_linear")(LinearVAE)  # the same class again: fine
+    with pytest.raises(ValueError, match="^model 'plugin_linear' is registered twice$"):
+        models.register("plugin_linear")(OtherVAE)
+    assert models.plugin_record("plugin_linear") == {
+        "model": "plugin_linear",
+        "file": "test_plugins.py",
+        "sha256": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
+    }
+    assert models.plugin_record("vae") is None and models.plugin_record("nowhere") is None
+    assert "vae" not in SOURCES and SOURCES["plugin_linear"].file == Path(__file__).resolve()
+    # a class of a module without a file: recorded without one, and loading says to register it
+    monkeypatch.setitem(sys.modules, "no_file", types.ModuleType("no_file"))
+    models.register("plugin_nowhere")(type("Nowhere", (VAE,), {"__module__": "no_file"}))
+    assert models.plugin_record("plugin_nowhere") == {"model": "plugin_nowhere", "file": ""}
+    info = {"model": {"name": "plugin_gone"}, "plugins": [{"model": "plugin_gone", "file": ""}]}
+    with pytest.raises(CheckpointError, match=r"vaelab\.models\.register\) before loading$"):
+        checkpoint.check_plugins(tmp_path / "config.json", info)
+    # a run of built-in models records no plugin and loads as before
+    made, _ = runs
+    assert "plugins" not in json.loads((made["vae"] / "config.json").read_text())
+    assert vaelab.load(made["vae"]).cfg.name == "vae"

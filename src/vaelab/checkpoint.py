@@ -47,7 +47,7 @@ def run_config(run_dir: str | Path, overrides: list[str] | None = None) -> RunCo
     """A run's resolved config (its config.yaml), with ``overrides``. Settings that a newer
     vaelab refuses as ignored by the model do not stop an older run from being read."""
     path = Path(run_dir) / rundir.MODEL_CONFIG
-    try:  # a net of a plugin: say which file it needs before the config refuses it
+    try:  # a model or net of a plugin: say which file it needs before the config refuses it
         info = read_json(path)
     except CheckpointError:
         info = None  # missing or unreadable: whatever reads it next says so
@@ -121,11 +121,12 @@ def _state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def save_model_config(run_dir: str | Path, model: GenerativeModel, meta: dict[str, Any]) -> None:
     """Write ``config.json``: what ``load`` needs to rebuild the model (written once per run),
-    and for a net of a plugin, the plugin's file name and digest (``plugins``)."""
+    and for a model or a net of a plugin, the plugin's file name and digest (``plugins``)."""
     info = {"format": FORMAT, "model": to_dict(model.cfg), "shape": list(model.shape), **meta}
-    plugin = nets.plugin_record(model.cfg.net)
-    if plugin is not None:
-        info["plugins"] = [plugin]
+    records = [models.plugin_record(model.cfg.name), nets.plugin_record(model.cfg.net)]
+    plugins = [record for record in records if record is not None]
+    if plugins:
+        info["plugins"] = plugins
     atomic_write(Path(run_dir) / rundir.MODEL_CONFIG, json.dumps(info, indent=2) + "\n")
 
 
@@ -186,37 +187,65 @@ def model_info(run_dir: str | Path) -> tuple[ModelConfig, tuple[int, int, int]]:
 
 
 def check_plugins(path: Path, info: dict[str, Any]) -> None:
-    """A run (``info``: its ``config.json`` at ``path``) whose net came from a plugin: a
-    CheckpointError naming the file to pass with --plugin when the net is not registered; a
-    warning (the weights are checked anyway) when the registered net's file differs from the
-    one the run was trained with. vaelab never imports the file itself."""
+    """A run (``info``: its ``config.json`` at ``path``) whose model or net came from a plugin: a
+    CheckpointError naming the file to pass with --plugin when it is not registered; a warning
+    (the weights are checked anyway) when the registered one's file differs from the one the run
+    was trained with. vaelab never imports the file itself."""
     model, records = info.get("model"), info.get("plugins")
-    net = model.get("net") if isinstance(model, dict) else None
-    if not isinstance(records, list):
+    if not isinstance(records, list) or not isinstance(model, dict):
         return
     for record in records:
-        if not isinstance(record, dict) or record.get("net") != net:
+        if not isinstance(record, dict):
             continue
-        file = record.get("file")
-        if net not in nets.NETS:
-            if not file:
-                raise CheckpointError(
-                    f"'{path}': model.net '{net}' was registered by code outside a file: "
-                    "register it (vaelab.nets.register) before loading"
-                )
+        for kind, key in (("model", "name"), ("net", "net")):
+            name = model.get(key)
+            if kind in record and record[kind] == name and isinstance(name, str):
+                _check_plugin(path, record, f"model.{key}", name, _registered(kind, name))
+
+
+def _registered(kind: str, name: str) -> tuple[Path | None, str | None] | None:
+    """The file and digest that the model or net ``name`` is registered from now; None when it
+    is not registered."""
+    if kind == "net":
+        net = nets.NETS.get(name)
+        return None if net is None else (net.file, net.sha256)
+    if name not in models.MODELS:
+        return None
+    source = models.SOURCES.get(name)
+    return (source.file, source.sha256) if source else (None, None)
+
+
+def _check_plugin(
+    path: Path,
+    record: dict[str, Any],
+    key: str,
+    name: str,
+    now: tuple[Path | None, str | None] | None,
+) -> None:
+    """One plugin ``record`` of a run against what ``key`` (model.name, model.net) ``name`` is
+    registered from ``now`` (None: not registered)."""
+    file = record.get("file")
+    if now is None:
+        api = "vaelab.models.register" if key == "model.name" else "vaelab.nets.register"
+        if not file:
             raise CheckpointError(
-                f"'{path}': model.net '{net}' comes from the plugin {file}: pass --plugin {file} "
-                "(in Python: import it before loading)"
+                f"'{path}': {key} '{name}' was registered by code outside a file: "
+                f"register it ({api}) before loading"
             )
-        now, digest = nets.NETS[net], record.get("sha256")
-        if digest and now.sha256 != digest and (path, now.sha256) not in _WARNED:
-            _WARNED.add((path, now.sha256))
-            here = now.file.name if now.file else "code outside a file"
-            what = f"the plugin {file} changed" if here == file else f"{here} replaced {file}"
-            log.warning(
-                f"'{path}': model.net '{net}': {what} since the run was trained (sha256 "
-                f"{digest[:12]}... then, {(now.sha256 or '-')[:12]}... now): loading it anyway"
-            )
+        raise CheckpointError(
+            f"'{path}': {key} '{name}' comes from the plugin {file}: pass --plugin {file} "
+            "(in Python: import it before loading)"
+        )
+    now_file, now_digest = now
+    digest = record.get("sha256")
+    if digest and now_digest != digest and (path, now_digest) not in _WARNED:
+        _WARNED.add((path, now_digest))
+        here = now_file.name if now_file else "code outside a file"
+        what = f"the plugin {file} changed" if here == file else f"{here} replaced {file}"
+        log.warning(
+            f"'{path}': {key} '{name}': {what} since the run was trained (sha256 "
+            f"{str(digest)[:12]}... then, {(now_digest or '-')[:12]}... now): loading it anyway"
+        )
 
 
 _WARNED: set[tuple[Path, str | None]] = set()  # each changed plugin is told once per run

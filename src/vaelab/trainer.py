@@ -400,14 +400,19 @@ def _reopen(
 
 def _config_text(session: Session) -> str:
     """config.yaml: the session's resolved config, saying why where train.precision=auto
-    picked, and which plugin file a net of a plugin comes from (config.json records it too)."""
+    picked, and which plugin file a model or net of a plugin comes from (config.json records
+    it too)."""
     comments = {"train.precision": f"auto picked it: {session.picked}"} if session.picked else {}
-    plugin = nets.plugin_record(session.cfg.model.net)
-    if plugin is not None and plugin["file"]:
-        file, digest = plugin["file"], plugin.get("sha256", "-")
-        comments["model.net"] = f"from the plugin {file} (sha256 {digest}): pass --plugin {file}"
-    elif plugin is not None:
-        comments["model.net"] = "registered outside a file: register it again before loading"
+    model = session.cfg.model
+    for key, plugin in (
+        ("model.name", models.plugin_record(model.name)),
+        ("model.net", nets.plugin_record(model.net)),
+    ):
+        if plugin is not None and plugin["file"]:
+            file, digest = plugin["file"], plugin.get("sha256", "-")
+            comments[key] = f"from the plugin {file} (sha256 {digest}): pass --plugin {file}"
+        elif plugin is not None:
+            comments[key] = "registered outside a file: register it again before loading"
     return dump_yaml(session.cfg, comments)
 
 

@@ -7,7 +7,10 @@ terms from ``forward(x, ctx)``, and is decorated with ``@register(name)`` (docs/
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 import torch
@@ -15,15 +18,32 @@ import torch
 from vaelab.config import MODEL_CONFIGS, ConfigError, ModelConfig
 from vaelab.machine import available_memory
 from vaelab.models.base import DiagonalGaussian, GenerativeModel, ModelOutput, StepContext
+from vaelab.nets import file_digest
 
 MODELS: dict[str, type[GenerativeModel]] = {}
 M = TypeVar("M", bound=type[GenerativeModel])
 
 
+@dataclass(frozen=True)
+class Source:
+    """Where a model defined outside vaelab comes from: the Python file that defines its class
+    and that file's sha256 (None for a class defined outside a file), which a run records."""
+
+    file: Path | None
+    sha256: str | None
+
+
+# Model name -> the source of a model defined outside the vaelab package (built-ins: absent).
+SOURCES: dict[str, Source] = {}
+
+
 def register(name: str, config_class: type[ModelConfig] = ModelConfig) -> Callable[[M], M]:
     """Class decorator: make the model buildable as ``model.name=<name>``, configured by
     ``config_class`` (a frozen dataclass subclassing ModelConfig, for a model with settings of
-    its own; its ``__post_init__`` checks them)."""
+    its own; its ``__post_init__`` checks them). For a class defined outside vaelab, the file
+    that defines it is the plugin a run of this model records (``vaelab train --plugin FILE``).
+    Registering the same class again is fine; another class under a taken name is a
+    ValueError."""
     if not (isinstance(config_class, type) and issubclass(config_class, ModelConfig)):
         raise TypeError(f"register('{name}'): the config class must subclass ModelConfig")
 
@@ -35,9 +55,38 @@ def register(name: str, config_class: type[ModelConfig] = ModelConfig) -> Callab
             raise ValueError(f"model '{name}' is registered twice")
         MODELS[name] = cls
         MODEL_CONFIGS[name] = config_class
+        if _built_in(cls):
+            SOURCES.pop(name, None)
+        else:
+            file = _defining_file(cls)
+            SOURCES[name] = Source(file, file_digest(file))
         return cls
 
     return wrap
+
+
+def _built_in(cls: type) -> bool:
+    return cls.__module__ == "vaelab" or cls.__module__.startswith("vaelab.")
+
+
+def _defining_file(cls: type) -> Path | None:
+    """The file of the module that defines ``cls``, resolved; None for one defined outside a
+    file (an interactive session)."""
+    try:
+        return Path(inspect.getfile(cls)).resolve()
+    except (TypeError, OSError):
+        return None
+
+
+def plugin_record(name: str) -> dict[str, str] | None:
+    """What a run of ``model.name=<name>`` records about the plugin that defines the model
+    (``{"model", "file", "sha256"}``, the file by name only: runs move between machines); None
+    for a built-in model."""
+    if name not in MODELS or name not in SOURCES:
+        return None
+    source = SOURCES[name]
+    record = {"model": name, "file": source.file.name if source.file else ""}
+    return {**record, "sha256": source.sha256} if source.sha256 else record
 
 
 def build(cfg: ModelConfig, shape: tuple[int, int, int]) -> GenerativeModel:
@@ -131,14 +180,17 @@ from vaelab.models.vae import VAE  # noqa: E402  (the base class of variants wit
 
 __all__ = [
     "MODELS",
+    "SOURCES",
     "VAE",
     "DiagonalGaussian",
     "GenerativeModel",
     "ModelOutput",
+    "Source",
     "StepContext",
     "available_memory",
     "build",
     "build_meta",
     "check_size",
+    "plugin_record",
     "register",
 ]

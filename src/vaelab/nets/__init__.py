@@ -72,7 +72,7 @@ def register(
     frame = inspect.currentframe()
     caller = frame.f_back.f_globals.get("__file__") if frame and frame.f_back else None
     file = Path(caller).resolve() if caller and name not in BUILT_IN else None
-    net = Net(encoder, decoder, upsample, file, _digest(file))
+    net = Net(encoder, decoder, upsample, file, file_digest(file))
     known = NETS.get(name)
     if known is not None and _identity(known) != _identity(net):
         first = f"first from {known.file}" if known.file else "first from code outside a file"
@@ -96,7 +96,9 @@ def _origin(obj: object) -> tuple[str, str]:
     return where, getattr(obj, "__qualname__", repr(obj))
 
 
-def _digest(file: Path | None) -> str | None:
+def file_digest(file: Path | None) -> str | None:
+    """The sha256 of a plugin's file, as a run records it (``vaelab.nets.register`` and
+    ``vaelab.models.register``); None without a file or when it cannot be read."""
     if file is None or not file.is_file():
         return None
     try:
@@ -140,6 +142,7 @@ __all__ = [
     "Net",
     "build_decoder",
     "build_encoder",
+    "file_digest",
     "plugin_record",
     "register",
 ]
