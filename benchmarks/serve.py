@@ -107,7 +107,7 @@ def in_process(run: Path, requests: int) -> dict[str, float]:
         for _ in range(requests):
             z = torch.from_numpy(rng.standard_normal(128).astype(np.float32))
             start = time.perf_counter()
-            _decode_batch(served, [z])
+            _decode_batch(served, [(z, None)])  # (latent, condition): no condition
             times.append(time.perf_counter() - start)
     return percentiles(times[20:])
 
