@@ -141,9 +141,19 @@ def test_condition_options_are_parsed_with_one_line_errors():
         ("label=seven", "from 0 to 9 for label"),
         ("Age=3", "NAME one of: label, Smiling"),
         ("label", "NAME one of"),
+        ("label=7\n", "from 0 to 9"),  # a plain integer only
+        ("label= 7", "from 0 to 9"),
+        ("label=\u0667", "from 0 to 9"),  # an Arabic-Indic seven: int() would take it
     ]:
         with pytest.raises(ConfigError, match=message):
             conditions.parse([bad], known)
+    with pytest.raises(ConfigError, match="label=3: label is given a value twice"):
+        conditions.parse(["label=7", "label=3"], known)
+    # what a user sent is echoed on one short line
+    for bad in ["a\nb=1", "label=" + "9" * 5000]:
+        with pytest.raises(ConfigError) as refused:
+            conditions.parse([bad], known)
+        assert "\n" not in str(refused.value) and len(str(refused.value)) < 200
 
 
 def test_drawn_conditions_hold_the_fixed_values_and_follow_the_data_otherwise():

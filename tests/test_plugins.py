@@ -477,10 +477,28 @@ def test_register_a_model_in_python_records_its_file(runs, tmp_path, monkeypatch
     }
     assert models.plugin_record("vae") is None and models.plugin_record("nowhere") is None
     assert "vae" not in SOURCES and SOURCES["plugin_linear"].file == Path(__file__).resolve()
-    # a class of a module without a file: recorded without one, and loading says to register it
+    # registered by code outside a file: recorded without one, and loading says to register it
     monkeypatch.setitem(sys.modules, "no_file", types.ModuleType("no_file"))
-    models.register("plugin_nowhere")(type("Nowhere", (VAE,), {"__module__": "no_file"}))
+    nowhere = type("Nowhere", (VAE,), {"__module__": "no_file"})
+    exec("models.register('plugin_nowhere')(cls)", {"models": models, "cls": nowhere})
     assert models.plugin_record("plugin_nowhere") == {"model": "plugin_nowhere", "file": ""}
+    # a plugin that registers a class defined in a module it imports: the plugin is the file
+    # to pass with --plugin, so it is the one recorded (as for a net)
+    (tmp_path / "plugin_helpers.py").write_text(
+        "from vaelab.models import VAE\n\nclass HelperVAE(VAE):\n    pass\n"
+    )
+    registering = tmp_path / "registers_it.py"
+    registering.write_text(
+        "import sys\nsys.path.insert(0, str(__import__('pathlib').Path(__file__).parent))\n"
+        "from plugin_helpers import HelperVAE\nfrom vaelab import models\n"
+        "models.register('plugin_helper')(HelperVAE)\n"
+    )
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the plugin's insert is undone
+    try:
+        load_plugin(registering)
+    finally:
+        sys.modules.pop("plugin_helpers", None)
+    assert models.plugin_record("plugin_helper")["file"] == "registers_it.py"
     info = {"model": {"name": "plugin_gone"}, "plugins": [{"model": "plugin_gone", "file": ""}]}
     with pytest.raises(CheckpointError, match=r"vaelab\.models\.register\) before loading$"):
         checkpoint.check_plugins(tmp_path / "config.json", info)

@@ -420,10 +420,51 @@ def test_a_cvae_reconstructs_and_walks_under_the_condition(cvae):
         assert np.allclose(encoded["z"], model.encode(x).mode()[0].tolist(), atol=1e-4)
         mean = model.reconstruct(x)[0, 0].numpy() * 255
     assert np.abs(png_image(answer).astype(float) - mean).max() <= 1.0
+    # a validation image is encoded under its own label, whatever the request's condition
+    val = run_split(run, "val")
+    own = int(val._labels[val.rows[5]])
+    code, _, answer = call(url, "/api/val/latent?run=cvae&index=5")
+    x = val.batch(np.array([5]))
+    with torch.no_grad():
+        means = {}
+        for label in (own, (own + 1) % 10):
+            with model.given(torch.tensor([[label]])):
+                means[label] = model.encode(x).mode()[0]
+    assert np.allclose(json.loads(answer)["z"], means[own].tolist(), atol=1e-5)
+    assert not np.allclose(means[own], means[(own + 1) % 10], atol=1e-3)
     walk = {"run": "cvae", "from": {"val": 0}, "to": {"val": 5}, "steps": 3}
     three = call(url, "/api/interpolate", {**walk, "condition": {"label": 3}})
     assert three[0] == 200
     assert three[2] != call(url, "/api/interpolate", {**walk, "condition": {"label": 8}})[2]
+
+
+def test_concurrent_decodes_of_a_cvae_each_get_their_own_condition(cvae):
+    """Requests decoded in one batch, each under its own label, come back as each alone."""
+    _, url = cvae
+    asks = [([0.1 * k, -0.5, 1.0], k % 10) for k in range(16)]
+
+    def one(ask):
+        z, label = ask
+        body = {"run": "cvae", "z": z, "condition": {"label": label}}
+        return png_image(call(url, "/api/decode", body)[2])
+
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(one, asks))
+    for ask, image in zip(asks, together, strict=True):
+        assert np.array_equal(image, one(ask))
+
+
+def test_a_cvae_called_from_python_without_a_condition_takes_the_default(cvae):
+    (served,) = serve.load_runs([cvae[0]])
+    default = torch.tensor(served.default_condition)
+    with torch.inference_mode():
+        assert serve.runs.samples_png(served, 4, 1.0, 0, "prior") == serve.runs.samples_png(
+            served, 4, 1.0, 0, "prior", default
+        )
+        z = torch.zeros(3)
+        assert serve.runs._decode_batch(served, [(z, None)]) == serve.runs._decode_batch(
+            served, [(z, default)]
+        )
 
 
 CVAE_REFUSALS = [
@@ -435,6 +476,10 @@ CVAE_REFUSALS = [
      "expected an integer from 0 to 9"),
     ("POST", "/api/decode", {"run": "cvae", "z": [0, 0, 0], "condition": "label=2"},
      "'condition': expected"),
+    ("POST", "/api/decode", {"run": "cvae", "z": [0, 0, 0], "condition": {"a\nb": 1}},
+     "'condition' a\\nb=1: expected NAME=VALUE"),  # one line: the newline is escaped
+    ("GET", "/api/sample?run=cvae&condition=label=1&condition=label=2", None,
+     "label is given a value twice"),
     ("GET", "/api/sample?run=cvae&condition=label", None, "expected NAME=VALUE"),
     ("POST", "/api/reconstruct?run=cvae&condition=label%3D-1", b"", "from 0 to 9"),
 ]  # fmt: skip

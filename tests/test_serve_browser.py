@@ -208,7 +208,8 @@ def test_decoder_only_panel_has_sliders_and_no_upload(served, browser):
 
 def test_a_cvae_panel_decodes_what_its_condition_says(browser, tmp_path):
     """A conditional run gets a choice per variable (here the digit, starting at the data's
-    most common); choosing another re-decodes the sliders' image and the samples under it."""
+    most common); choosing another re-decodes the sliders' image, the samples and an upload's
+    reconstruction under it."""
     if os.environ.get("VAELAB_SERVE_RUN"):
         pytest.skip("serves the given runs only")
     run = make_cvae_run(tmp_path)
@@ -219,8 +220,13 @@ def test_a_cvae_panel_decodes_what_its_condition_says(browser, tmp_path):
         panel = driver.find_element(By.CSS_SELECTOR, '.panel[data-run="cvae"]')
         choice = panel.find_element(By.CSS_SELECTOR, 'select[data-variable="label"]')
         assert panel.find_element(By.CSS_SELECTOR, '[data-r="condition-box"]').is_displayed()
+        # an upload first: its reconstruction is redrawn under the new condition too
+        picture = tmp_path / "digit.png"
+        with urllib.request.urlopen(f"{url}api/val?run=cvae&index=0") as response:
+            Image.open(io.BytesIO(response.read())).resize((32, 32)).save(picture)
+        panel.find_element(By.CSS_SELECTOR, '[data-r="file"]').send_keys(str(picture))
         images = {}
-        for name in ("decoded", "samples"):
+        for name in ("decoded", "samples", "recon"):
             wait_for(
                 driver, f"return document.querySelector('.panel [data-r={name}]').dataset.serial"
             )

@@ -21,6 +21,7 @@ come from the images that have those values, so samples follow the data's joint 
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -153,28 +154,37 @@ def _all(y: Tensor, *held: GenerativeModel | None) -> Iterator[None]:
 
 def parse(pairs: Sequence[str], known: Variables, what: str = "--condition") -> dict[int, int]:
     """``--condition name=value`` options to {variable position: value}; a ConfigError naming
-    the option (``what``: how the caller's user wrote it). An attribute's value may be written 1
-    (present) or 0 / -1 (absent)."""
+    the option (``what``: how the caller's user wrote it). A value is a plain integer; an
+    attribute's may be written 1 (present) or 0 / -1 (absent). A variable named twice is
+    refused."""
     names = [n for n, _ in known]
     fixed: dict[int, int] = {}
     for pair in pairs:
         name, sep, value = pair.partition("=")
+        shown = _shown(pair)  # the message stays one short line, whatever was sent
         if not sep or name not in names:
             raise ConfigError(
-                f"{what} {pair}: expected NAME=VALUE with NAME one of: {', '.join(names)}"
+                f"{what} {shown}: expected NAME=VALUE with NAME one of: {', '.join(names)}"
             )
         i = names.index(name)
         size = known[i][1]
-        try:
-            v = int(value)
-        except ValueError:
-            v = -2
+        v = int(value) if re.fullmatch(r"-?[0-9]{1,9}", value) else -2
         if size == 2 and v == -1:
             v = 0
         if not 0 <= v < size:
-            raise ConfigError(f"{what} {pair}: expected an integer from 0 to {size - 1} for {name}")
+            raise ConfigError(
+                f"{what} {shown}: expected an integer from 0 to {size - 1} for {name}"
+            )
+        if i in fixed:
+            raise ConfigError(f"{what} {shown}: {name} is given a value twice")
         fixed[i] = v
     return fixed
+
+
+def _shown(text: str, limit: int = 60) -> str:
+    """``text`` for an error message: control characters escaped, cut at ``limit``."""
+    escaped = text.encode("unicode_escape").decode("ascii")
+    return escaped if len(escaped) <= limit else escaped[:limit] + "..."
 
 
 def typical(dataset: ImageDataset | None, known: Variables, kind: str) -> list[int]:

@@ -26,8 +26,8 @@ M = TypeVar("M", bound=type[GenerativeModel])
 
 @dataclass(frozen=True)
 class Source:
-    """Where a model defined outside vaelab comes from: the Python file that defines its class
-    and that file's sha256 (None for a class defined outside a file), which a run records."""
+    """Where a model defined outside vaelab comes from: the Python file that registered it and
+    that file's sha256 (None for one registered outside a file), which a run records."""
 
     file: Path | None
     sha256: str | None
@@ -41,11 +41,15 @@ def register(name: str, config_class: type[ModelConfig] = ModelConfig) -> Callab
     """Class decorator: make the model buildable as ``model.name=<name>``, configured by
     ``config_class`` (a frozen dataclass subclassing ModelConfig, for a model with settings of
     its own; its ``__post_init__`` checks them). For a class defined outside vaelab, the file
-    that defines it is the plugin a run of this model records (``vaelab train --plugin FILE``).
+    that calls ``register`` (where ``@register`` decorates the class, the file defining it) is
+    the plugin a run of this model records (``vaelab train --plugin FILE``), as for a net.
     Registering the same class again is fine; another class under a taken name is a
     ValueError."""
     if not (isinstance(config_class, type) and issubclass(config_class, ModelConfig)):
         raise TypeError(f"register('{name}'): the config class must subclass ModelConfig")
+    frame = inspect.currentframe()
+    caller = frame.f_back.f_globals.get("__file__") if frame and frame.f_back else None
+    file = Path(caller).resolve() if caller else None  # the plugin: the file registering it
 
     def wrap(cls: M) -> M:
         if not (isinstance(cls, type) and issubclass(cls, GenerativeModel)):
@@ -58,7 +62,6 @@ def register(name: str, config_class: type[ModelConfig] = ModelConfig) -> Callab
         if _built_in(cls):
             SOURCES.pop(name, None)
         else:
-            file = _defining_file(cls)
             SOURCES[name] = Source(file, file_digest(file))
         return cls
 
@@ -67,15 +70,6 @@ def register(name: str, config_class: type[ModelConfig] = ModelConfig) -> Callab
 
 def _built_in(cls: type) -> bool:
     return cls.__module__ == "vaelab" or cls.__module__.startswith("vaelab.")
-
-
-def _defining_file(cls: type) -> Path | None:
-    """The file of the module that defines ``cls``, resolved; None for one defined outside a
-    file (an interactive session)."""
-    try:
-        return Path(inspect.getfile(cls)).resolve()
-    except (TypeError, OSError):
-        return None
 
 
 def plugin_record(name: str) -> dict[str, str] | None:

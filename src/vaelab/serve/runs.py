@@ -95,11 +95,16 @@ class ServedRun:
         """A conditional model's variables, (name, number of values) each; () for others."""
         return self.model.conditions
 
+    def condition(self, y: Tensor | None) -> Tensor:
+        """y (V,), or the run's default condition where none is given."""
+        return torch.tensor(self.default_condition, dtype=torch.int64) if y is None else y
+
     def under(self, y: Tensor | None, n: int) -> contextlib.AbstractContextManager[None]:
-        """Give a conditional model the condition y (V,) for a batch of n; nothing for others."""
-        if not self.conditions or y is None:
+        """Give a conditional model the condition y (V,) (None: the default) for a batch of n;
+        nothing for others."""
+        if not self.conditions:
             return contextlib.nullcontext()
-        return self.model.given(y[None].expand(n, -1))
+        return self.model.given(self.condition(y)[None].expand(n, -1))
 
     @property
     def upload_crop(self) -> int:
@@ -387,7 +392,7 @@ def _decode_batch(run: ServedRun, latents: list[tuple[Tensor, Tensor | None]]) -
     z = torch.stack([z for z, _ in latents]).to(param.device, param.dtype)  # (B, d)
     under = contextlib.nullcontext()
     if run.conditions:  # each latent with its own request's condition
-        under = run.model.given(torch.stack([y for _, y in latents]))  # type: ignore[misc]
+        under = run.model.given(torch.stack([run.condition(y) for _, y in latents]))
     with under:
         return [png(a) for a in to_uint8(run.model.decode(z))]
 
@@ -396,8 +401,9 @@ def samples_png(
     run: ServedRun, n: int, temperature: float, seed: int, sampler: str, y: Tensor | None = None
 ) -> bytes:
     """A grid of n samples (``report.pictures.samples``: the prior, or the run's mixture), all
-    under a cvae's condition y (V,)."""
+    under a cvae's condition y (V,) (None: the default)."""
     mixture = run.mixture if sampler == "gmm" else None
+    y = run.condition(y) if run.conditions else None
     images = pictures.samples(run.model, n, temperature, seed, mixture, condition=y)
     return grid_png(images, math.ceil(math.sqrt(n)))
 

@@ -76,6 +76,8 @@ class Panel {
     this.ends = { a: null, b: null }; // {val: i} or {z: [...]}, with .latent once known
     this.seed = 0;
     this.uploadZ = null;
+    this.uploadFile = null;
+    this.tickets = {};
     // a conditional run's condition, {variable: value}, sent with every request that decodes
     this.condition = Object.fromEntries(run.conditions.map((c) => [c.name, c.default]));
     this.decoder = new LiveDecoder(run.name, this.r("decoded"),
@@ -138,6 +140,7 @@ class Panel {
         this.decoder.request(this.z);
         if (this.drawSamples) this.drawSamples();
         this.walkStrip();
+        if (this.uploadFile) this.showUpload();
       });
       const label = document.createElement("label");
       label.append(`${name} `, select);
@@ -229,8 +232,11 @@ class Panel {
       this.r("temperature-value").textContent = Number(temperature.value).toFixed(2);
       const params = { run: this.run.name, n: this.r("n").value, temperature: temperature.value,
         seed: this.seed, sampler: select.value };
-      try { await showPng(this.r("samples"), await api(`/api/sample?${this.where(params)}`)); }
-      catch (err) { this.fail(err); }
+      const ticket = this.latest("samples");
+      try {
+        const response = await api(`/api/sample?${this.where(params)}`);
+        if (this.isLatest("samples", ticket)) await showPng(this.r("samples"), response);
+      } catch (err) { this.fail(err); }
     };
     this.drawSamples = draw;
     temperature.addEventListener("change", draw);
@@ -298,9 +304,12 @@ class Panel {
 
   async walkStrip() {
     if (!(this.ends.a && this.ends.b)) return;
+    const ticket = this.latest("strip");
     try {
-      await showPng(this.r("strip"), await postJson("/api/interpolate", { run: this.run.name,
-        from: this.ends.a.spec, to: this.ends.b.spec, steps: 10, ...this.conditionBody() }));
+      const response = await postJson("/api/interpolate", { run: this.run.name,
+        from: this.ends.a.spec, to: this.ends.b.spec, steps: 10, ...this.conditionBody() });
+      if (!this.isLatest("strip", ticket)) return;
+      await showPng(this.r("strip"), response);
       this.walkPoint();
     } catch (err) { this.fail(err); }
   }
@@ -324,24 +333,41 @@ class Panel {
     }
     note.textContent = `Centre-cropped (${crop ? `${crop}x${crop}` : "the short side's square"}), ` +
       `resized to ${size}x${size}, ${channels === 1 ? "grey" : "RGB"}, as the run's data was.`;
-    this.r("file").addEventListener("change", async (e) => {
+    this.r("file").addEventListener("change", (e) => {
       const file = e.target.files[0];
       if (!file) return;
-      const where = `?${this.where({ run: run.name })}`;
-      try {
-        const [code, recon] = await Promise.all([
-          api(`/api/encode${where}`, { method: "POST", body: file }).then((r) => r.json()),
-          api(`/api/reconstruct${where}`, { method: "POST", body: file }),
-        ]);
-        this.r("seen").src = code.input_png;
-        await showPng(this.r("recon"), recon);
-        this.uploadZ = code.z;
-        this.r("use").disabled = false;
-        await this.scatter(code.z);
-      } catch (err) { this.fail(err); }
+      this.uploadFile = file;
+      this.showUpload();
     });
     this.r("use").addEventListener("click", () => { if (this.uploadZ) this.setZ(this.uploadZ); });
   }
+
+  // The upload encoded and reconstructed (under the condition, for a cvae), and where it sits.
+  async showUpload() {
+    const ticket = this.latest("upload");
+    const where = `?${this.where({ run: this.run.name })}`;
+    const file = this.uploadFile;
+    try {
+      const [code, recon] = await Promise.all([
+        api(`/api/encode${where}`, { method: "POST", body: file }).then((r) => r.json()),
+        api(`/api/reconstruct${where}`, { method: "POST", body: file }),
+      ]);
+      if (!this.isLatest("upload", ticket)) return; // a newer upload or condition is on its way
+      this.r("seen").src = code.input_png;
+      await showPng(this.r("recon"), recon);
+      this.uploadZ = code.z;
+      this.r("use").disabled = false;
+      await this.scatter(code.z);
+    } catch (err) { this.fail(err); }
+  }
+
+  // Tickets: of two overlapping requests for one image, only the later one's answer is shown.
+  latest(what) {
+    this.tickets[what] = (this.tickets[what] || 0) + 1;
+    return this.tickets[what];
+  }
+
+  isLatest(what, ticket) { return this.tickets[what] === ticket; }
 
   // The validation codes on the two most active dimensions (grey), and the upload's (red).
   async scatter(z) {
