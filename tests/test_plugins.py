@@ -134,12 +134,8 @@ def test_a_plugin_net_trains_and_the_run_records_its_file(trained):
     assert read_metrics(run)[-1]["epoch"] == 1
 
 
-def test_loading_without_the_plugin_is_a_one_line_error(trained, capsys):
-    run, _ = trained
-    expected = (
-        f"vaelab: error: '{run / 'config.json'}': model.net 'mine' comes from the plugin "
-        "my_nets.py: pass --plugin my_nets.py (in Python: import it before loading)"
-    )
+def refused_by_every_command(run: Path, expected: str, capsys) -> None:
+    """evaluate, sample and resume each stop with ``expected`` (one line), having done nothing."""
     assert main(["evaluate", str(run), *EVAL]) == 2
     assert one_line_error(capsys) == expected
     assert main(["sample", str(run), "--out", str(run.parent / "s.png")]) == 2
@@ -147,6 +143,15 @@ def test_loading_without_the_plugin_is_a_one_line_error(trained, capsys):
     assert main(["train", "--resume", str(run), "train.epochs=2"]) == 2
     assert one_line_error(capsys) == expected
     assert not (run.parent / "s.png").exists() and read_metrics(run)[-1]["epoch"] == 1
+
+
+def test_loading_without_the_plugin_is_a_one_line_error(trained, capsys):
+    run, _ = trained
+    expected = (
+        f"vaelab: error: '{run / 'config.json'}': model.net 'mine' comes from the plugin "
+        "my_nets.py: pass --plugin my_nets.py (in Python: import it before loading)"
+    )
+    refused_by_every_command(run, expected, capsys)
     with pytest.raises(CheckpointError, match="comes from the plugin my_nets.py"):
         vaelab.load(run)
 
@@ -381,13 +386,7 @@ def test_loading_a_plugin_model_without_the_plugin_is_a_one_line_error(trained_m
         f"vaelab: error: '{run / 'config.json'}': model.name '{MODEL}' comes from the plugin "
         "my_model.py: pass --plugin my_model.py (in Python: import it before loading)"
     )
-    assert main(["evaluate", str(run), *EVAL]) == 2
-    assert one_line_error(capsys) == expected
-    assert main(["sample", str(run), "--out", str(run.parent / "s.png")]) == 2
-    assert one_line_error(capsys) == expected
-    assert main(["train", "--resume", str(run), "train.epochs=2"]) == 2
-    assert one_line_error(capsys) == expected
-    assert not (run.parent / "s.png").exists() and read_metrics(run)[-1]["epoch"] == 1
+    refused_by_every_command(run, expected, capsys)
     with pytest.raises(CheckpointError, match="model.name 'plugin_tc_vae' comes from the plugin"):
         vaelab.load(run)
     with pytest.raises(CheckpointError, match="pass --plugin my_model.py"):
