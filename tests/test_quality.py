@@ -222,6 +222,11 @@ def test_gmm_sampler_is_saved_with_the_run_and_refitted_for_new_weights(run):
     stale.save(saved)
     samplers.gmm(run, model, train, val, 3)
     assert samplers.LatentMixture.load(saved).info["step"] == mix.info["step"]
+    # Saved before the prior was recorded: measured against N(0, I), which is this vae's prior.
+    assert mix.info["prior"] == "StandardNormal"
+    older = {k: v for k, v in mix.info.items() if k != "prior"}
+    samplers.LatentMixture(mix.weights, mix.means, mix.chol, older).save(saved)
+    assert samplers.saved_gmm(run, model, 3) is not None
 
 
 def test_sample_with_the_gmm_sampler_from_the_cli(run, tmp_path):

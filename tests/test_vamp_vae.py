@@ -325,6 +325,15 @@ def test_a_vamp_run_trains_loads_and_evaluates_with_is_and_ais(tmp_path):
     standard = float((-0.5 * codes**2 - 0.5 * math.log(2 * math.pi)).sum(1).mean())
     assert mixture.info["val_log_density_prior"] == pytest.approx(learned, abs=1e-5)
     assert abs(learned - standard) > 0.01  # not N(0, I)'s
+    # One saved before the prior was recorded was measured against N(0, I): fitted again.
+    older = {k: v for k, v in mixture.info.items() if k != "prior"}
+    samplers.LatentMixture(mixture.weights, mixture.means, mixture.chol, older).save(
+        samplers.path(run, 2)
+    )
+    assert samplers.saved_gmm(run, model, 2) is None
+    again = samplers.gmm(run, model, splits.train, splits.val, components=2)
+    assert again.info["prior"] == "VampPrior"
+    assert again.info["val_log_density_prior"] == pytest.approx(learned, abs=1e-5)
 
 
 def test_two_processes_train_what_one_does(tmp_path):

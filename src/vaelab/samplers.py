@@ -185,6 +185,7 @@ def gmm(
     val_codes = None if val is None else posterior_means(model, val)
     mixture = fit(codes, components, SEED, val_codes, _prior_log_prob(model))
     mixture.info["step"] = step
+    mixture.info["prior"] = type(model.prior).__name__  # what val_log_density_prior is under
     mixture.save(path(run, components))
     return mixture
 
@@ -203,14 +204,17 @@ def _prior_log_prob(model: GenerativeModel) -> Callable[[Tensor], Tensor]:
 
 def saved_gmm(run: str | Path, model: GenerativeModel, components: int) -> LatentMixture | None:
     """The run's saved mixture of ``components`` Gaussians when it was fitted to the run's
-    current weights (its step) and latent size; None otherwise (nothing is fitted here)."""
+    current weights (its step) and latent size, and measured against the model's prior (a
+    mixture saved before that was recorded was measured against N(0, I), right for every model
+    but vamp_vae); None otherwise (nothing is fitted here)."""
     saved = path(run, components)
     if not saved.is_file():
         return None
     mixture = LatentMixture.load(saved)
     step = weights_metadata(run).get("step")
     fits = mixture.info.get("step") == step and mixture.means.shape[1] == model.cfg.latent_dim
-    return mixture if fits else None
+    measured = mixture.info.get("prior", "StandardNormal") == type(model.prior).__name__
+    return mixture if fits and measured else None
 
 
 # -- a prior over the codes of a discrete latent (vq_vae) ---------------------------------------
