@@ -268,12 +268,13 @@ def load_run(path: str | Path, name: str) -> ServedRun:
     val, note = _validation(path, model)
     with torch.inference_mode():
         order, kl, source = dimension_order(model, evaluation, val)
-    default = conditions.typical(val, model.conditions, model.condition_on) if (
-        model.conditions) else []  # fmt: skip
+    default: list[int] = []  # a cvae's condition where a request names none
+    if model.conditions:
+        default = conditions.typical(val, model.conditions, model.condition_on)
+    mixture = _mixture(path, model)
     return ServedRun(
-        name, path, fast, cfg, order, kl, source, evaluation, _mixture(path, model), val, note,
-        default,
-    )  # fmt: skip
+        name, path, fast, cfg, order, kl, source, evaluation, mixture, val, note, default
+    )
 
 
 def load_runs(paths: list[str | Path]) -> list[ServedRun]:
