@@ -169,6 +169,18 @@ def test_drawn_conditions_hold_the_fixed_values_and_follow_the_data_otherwise():
         conditions.draw(train, "label", 4, {0: 9})
 
 
+def test_the_typical_condition_is_each_variables_most_common_value():
+    """Labels 0..3 with 2 the most common, Smiling present in 3 of 5: (2, 1); no data: zeros."""
+    images = np.zeros((5, 8, 8, 1), np.uint8)
+    labels = np.array([2, 2, 1, 3, 2])
+    attributes = {"Smiling": np.array([1, 1, -1, 1, -1]), "Male": np.array([-1, -1, -1, 1, 1])}
+    data = ImageDataset(images, labels, attributes=attributes)
+    assert conditions.typical(data, (("label", 4),), "label") == [2]
+    known = (("Smiling", 2), ("Male", 2))
+    assert conditions.typical(data, known, "attributes") == [1, 0]
+    assert conditions.typical(None, known, "attributes") == [0, 0]
+
+
 def test_training_records_the_variables_and_resuming_on_other_data_is_refused(tmp_path):
     data = labelled_splits()
     run = tmp_path / "run"

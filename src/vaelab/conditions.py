@@ -126,6 +126,16 @@ def given(
     return _all(y, model, *others)  # on the CPU: the model checks it there, then moves it
 
 
+def held(
+    model: GenerativeModel, y: Tensor | None, n: int
+) -> contextlib.AbstractContextManager[None]:
+    """Give ``model`` one condition y (V,) for a batch of n images; nothing for a model without
+    conditions (or without y)."""
+    if not model.conditions or y is None:
+        return contextlib.nullcontext()
+    return model.given(y[None].expand(n, -1))
+
+
 def drawn(
     model: GenerativeModel,
     dataset: ImageDataset | None,
@@ -193,8 +203,8 @@ def typical(dataset: ImageDataset | None, known: Variables, kind: str) -> list[i
     if dataset is None or len(dataset) == 0:
         return [0] * len(known)
     table = indices(dataset, kind, slice(None))
-    return [int(np.bincount(table[:, i], minlength=size).argmax()) for i, (_, size) in
-            enumerate(known)]  # fmt: skip
+    counts = [np.bincount(table[:, i], minlength=size) for i, (_, size) in enumerate(known)]
+    return [int(c.argmax()) for c in counts]
 
 
 def draw(

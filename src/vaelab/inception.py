@@ -340,7 +340,8 @@ class Weights:
         if not remember:
             return features(self.net, images)
         x = images.detach().cpu().contiguous()
-        key = hashlib.sha256(str((tuple(x.shape), x.dtype)).encode() + x.numpy().tobytes())
+        key = hashlib.sha256(str((tuple(x.shape), x.dtype)).encode())
+        key.update(memoryview(x.numpy()).cast("B"))  # the bytes in place, not a copy
         digest = key.hexdigest()
         if digest not in self.remembered:
             self.remembered[digest] = features(self.net, images)

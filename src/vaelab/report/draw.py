@@ -40,7 +40,7 @@ def run_split(
     splits: data.Splits | None = None,
 ) -> data.ImageDataset:
     """A split of ``splits``, by default the data a run was trained on (``run_data``)."""
-    splits = splits or run_data(run, overrides)
+    splits = run_data(run, overrides) if splits is None else splits
     parts = {"train": splits.train, "val": splits.val, "test": splits.test}
     if split not in parts:
         raise data.DataError(f"split '{split}': expected train, val or test")

@@ -43,11 +43,10 @@ def samples(
     (``vaelab.samplers``: its components' spread scaled by the temperature). A conditional
     model samples under conditions drawn from ``data`` with the variables ``fixed`` held
     (``conditions.draw``), or all n under one ``condition`` (V,) when it is given."""
-    under = (
-        model.given(condition[None].expand(n, -1))
-        if condition is not None
-        else conditions.drawn(model, data, n, fixed, seed)
-    )
+    if condition is not None:
+        under = conditions.held(model, condition, n)
+    else:
+        under = conditions.drawn(model, data, n, fixed, seed)
     with under:
         if mixture is not None:
             param = next(model.parameters())

@@ -197,8 +197,8 @@ def condition(value: Any, run: ServedRun) -> torch.Tensor | None:
     given = bool(value) if isinstance(value, dict | list) else value is not None
     if not run.conditions:
         if given:
-            raise BadInput(400, f"'condition': run '{run.name}' ({run.model.cfg.name}) is not "
-                           "conditional")  # fmt: skip
+            what = f"run '{run.name}' ({run.model.cfg.name}) is not conditional"
+            raise BadInput(400, f"'condition': {what}")
         return None
     if isinstance(value, dict):
         value = [f"{k}={v}" for k, v in value.items()]

@@ -102,9 +102,7 @@ class ServedRun:
     def under(self, y: Tensor | None, n: int) -> contextlib.AbstractContextManager[None]:
         """Give a conditional model the condition y (V,) (None: the default) for a batch of n;
         nothing for others."""
-        if not self.conditions:
-            return contextlib.nullcontext()
-        return self.model.given(self.condition(y)[None].expand(n, -1))
+        return conditions.held(self.model, self.condition(y) if self.conditions else None, n)
 
     @property
     def upload_crop(self) -> int:
